@@ -1,0 +1,30 @@
+"""The fact store: the system of record for the graph, and the claim-and-process queue."""
+
+from enrichment_assets.factstore.models import (
+    Claim,
+    DueWork,
+    EntityKey,
+    EntityRecord,
+    FinishResult,
+    IngestResult,
+    Outcome,
+    RetryPolicy,
+    TypeStatus,
+)
+from enrichment_assets.factstore.schema import EntityState
+from enrichment_assets.factstore.store import ClaimError, FactStore
+
+__all__ = [
+    "Claim",
+    "ClaimError",
+    "DueWork",
+    "EntityKey",
+    "EntityRecord",
+    "EntityState",
+    "FactStore",
+    "FinishResult",
+    "IngestResult",
+    "Outcome",
+    "RetryPolicy",
+    "TypeStatus",
+]

@@ -1,0 +1,52 @@
+"""Engines for the two supported databases, set up so the same statements behave the same on both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+
+def create_engine(url: str) -> sa.Engine:
+    """Create an engine for a PostgreSQL or SQLite URL.
+
+    PostgreSQL URLs without a driver get psycopg2: SQLAlchemy 2.1 would otherwise pick psycopg 3,
+    which is not installed. SQLite gets WAL, a busy timeout and ``BEGIN IMMEDIATE`` transactions, so
+    concurrent writers queue for the single write lock instead of failing mid-transaction.
+    """
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg2")
+        return sa.create_engine(
+            parsed,
+            pool_pre_ping=True,
+            executemany_mode="values_plus_batch",
+            insertmanyvalues_page_size=5000,
+            executemany_batch_page_size=500,
+        )
+    if backend == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, connect_args={"timeout": 60})
+        _serialize_sqlite_writers(engine)
+        return engine
+    raise ValueError(f"unsupported database {backend!r}: use a postgresql:// or sqlite:/// URL")
+
+
+def _serialize_sqlite_writers(engine: sa.Engine) -> None:
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        # Let SQLAlchemy's "begin" below issue BEGIN itself (pysqlite would defer it).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(connection):  # type: ignore[no-untyped-def]
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,141 @@
+"""Values the fact store hands out and takes in. Frozen, so nothing downstream mutates a row copy."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+EntityKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    received: int
+    entities: int
+    by_event_type: dict[str, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"received": self.received, "entities": self.entities, "by_event_type": self.by_event_type}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A leased candidate. ``version`` is the entity's version when claimed: a result is only allowed to
+    change the state if no event arrived since. ``attempts`` counts this attempt."""
+
+    entity_type: str
+    entity_id: str
+    version: int
+    state: str
+    attempts: int
+    first_seen_at: datetime
+
+    @property
+    def key(self) -> EntityKey:
+        return (self.entity_type, self.entity_id)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, and the attempt count after which an entity is quarantined."""
+
+    max_attempts: int = 5
+    base_delay: timedelta = timedelta(seconds=30)
+    max_delay: timedelta = timedelta(hours=1)
+    jitter: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("jitter must be in [0, 1)")
+
+    def delay(self, attempts: int, rng: random.Random) -> timedelta:
+        """Delay before the next try after ``attempts`` tries: base * 2**(attempts-1), capped, +/- jitter."""
+        exponent = min(max(attempts - 1, 0), 32)
+        raw = min(self.base_delay * (2**exponent), self.max_delay)
+        return raw * rng.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt at a claimed entity produced.
+
+    - ``enriched``: every path resolved; the entity becomes ``fully_enriched``.
+    - ``partial``: some references are not there yet (``waiting_on``); retried with backoff, never
+      quarantined, because nothing is wrong with the entity itself.
+    - ``failed``: the attempt errored (``error``); retried with backoff, quarantined after max attempts.
+    """
+
+    entity_type: str
+    entity_id: str
+    version: int
+    status: Literal["enriched", "partial", "failed"]
+    attributes: dict[str, Any] | None = None
+    waiting_on: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @classmethod
+    def of(cls, claim: Claim, status: Literal["enriched", "partial", "failed"], **kwargs: Any) -> Outcome:
+        return cls(claim.entity_type, claim.entity_id, claim.version, status, **kwargs)
+
+    @property
+    def key(self) -> EntityKey:
+        return (self.entity_type, self.entity_id)
+
+
+@dataclass(frozen=True)
+class FinishResult:
+    enriched: int = 0
+    partial: int = 0
+    failed: int = 0
+    quarantined: int = 0
+    superseded: int = 0
+    lost: tuple[EntityKey, ...] = ()
+
+
+@dataclass(frozen=True)
+class DueWork:
+    """Due candidates of one entity type whose ``first_seen_at`` falls in one time window."""
+
+    entity_type: str
+    window_start: datetime
+    window_end: datetime
+    due: int
+    oldest_due_at: datetime
+
+
+@dataclass(frozen=True)
+class EntityRecord:
+    entity_type: str
+    entity_id: str
+    state: str
+    version: int
+    attributes: dict[str, Any] | None
+    first_seen_at: datetime
+    updated_at: datetime
+    last_event_at: datetime | None
+    hydrated_at: datetime | None
+    last_enriched_at: datetime | None
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    waiting_on: list[str] | None
+    claim_owner: str | None
+    claim_expires_at: datetime | None
+
+    def staleness_seconds(self, now: datetime) -> float | None:
+        """Seconds since the entity's graph was last verified against its sources; None if never."""
+        if self.last_enriched_at is None:
+            return None
+        return max((now - self.last_enriched_at).total_seconds(), 0.0)
+
+
+@dataclass(frozen=True)
+class TypeStatus:
+    entity_type: str
+    counts: dict[str, int]
+    oldest_waiting_id: str | None
+    oldest_waiting_since: datetime | None

@@ -1,0 +1,113 @@
+"""The fact store's tables: entities, their 1-hop references, and the derived edges.
+
+This module describes the schema at the newest migration; ``migrations/`` gets an existing database
+there. A test compares the two, so a column added here without a migration fails CI.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import sqlalchemy as sa
+
+from enrichment_assets.factstore.types import JSONDocument, UTCDateTime
+
+
+class EntityState(enum.StrEnum):
+    UNCACHED = "uncached"
+    PARTIALLY_RESOLVED = "partially_resolved"
+    FULLY_ENRICHED = "fully_enriched"
+    QUARANTINED = "quarantined"
+    DELETED = "deleted"
+
+
+PENDING_STATES = (EntityState.UNCACHED.value, EntityState.PARTIALLY_RESOLVED.value)
+STATE_VALUES = tuple(s.value for s in EntityState)
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+def _pending(column: sa.Column) -> dict[str, sa.ColumnElement[bool]]:
+    predicate = column.in_(PENDING_STATES)
+    return {"postgresql_where": predicate, "sqlite_where": predicate}
+
+
+entities = sa.Table(
+    "entities",
+    metadata,
+    sa.Column("entity_type", sa.String(128), primary_key=True),
+    sa.Column("entity_id", sa.String(512), primary_key=True),
+    sa.Column("state", sa.String(32), nullable=False),
+    # Bumped on every change the store sees; the search index uses it as the external version.
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("attributes", JSONDocument, nullable=True),
+    sa.Column("first_seen_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("last_event_at", UTCDateTime, nullable=True),
+    sa.Column("hydrated_at", UTCDateTime, nullable=True),
+    sa.Column("last_enriched_at", UTCDateTime, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", UTCDateTime, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("waiting_on", JSONDocument, nullable=True),
+    sa.Column("claim_owner", sa.String(128), nullable=True),
+    sa.Column("claim_expires_at", UTCDateTime, nullable=True),
+    sa.CheckConstraint(sa.column("state").in_(STATE_VALUES), name="state"),
+    # Claims scan pending rows of one type by due time; discovery groups the same rows by window.
+    # Partial indexes keep both proportional to the pending set, not to the table.
+    sa.Index(
+        "ix_entities_pending_due", "entity_type", "next_attempt_at", "first_seen_at",
+        **_pending(sa.column("state")),
+    ),
+    sa.Index("ix_entities_pending_age", "entity_type", "first_seen_at", **_pending(sa.column("state"))),
+    sa.Index(
+        "ix_entities_enriched_refresh", "entity_type", "last_enriched_at",
+        postgresql_where=sa.column("state") == EntityState.FULLY_ENRICHED.value,
+        sqlite_where=sa.column("state") == EntityState.FULLY_ENRICHED.value,
+    ),
+    sa.Index("ix_entities_type_first_seen", "entity_type", "first_seen_at"),
+)
+
+references = sa.Table(
+    "references",
+    metadata,
+    sa.Column("from_type", sa.String(128), primary_key=True),
+    sa.Column("from_id", sa.String(512), primary_key=True),
+    sa.Column("field", sa.String(256), primary_key=True),
+    sa.Column("to_type", sa.String(128), primary_key=True),
+    sa.Column("to_id", sa.String(512), primary_key=True),
+    sa.Column("resolved", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("first_seen_at", UTCDateTime, nullable=False),
+    sa.Column("resolved_at", UTCDateTime, nullable=True),
+    sa.Column("retracted_at", UTCDateTime, nullable=True),
+    # "Who is waiting on this entity?" when it arrives.
+    sa.Index("ix_references_to", "to_type", "to_id"),
+)
+
+edges = sa.Table(
+    "edges",
+    metadata,
+    sa.Column("edge_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("src_type", sa.String(128), nullable=False),
+    sa.Column("src_id", sa.String(512), nullable=False),
+    sa.Column("relation", sa.String(128), nullable=False),
+    sa.Column("dst_type", sa.String(128), nullable=False),
+    sa.Column("dst_id", sa.String(512), nullable=False),
+    sa.Column("policy", sa.String(128), nullable=False),
+    sa.Column("path", JSONDocument, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False, server_default="deterministic"),
+    sa.Column("confidence", sa.Float, nullable=False, server_default="1.0"),
+    sa.Column("asserted_at", UTCDateTime, nullable=False),
+    sa.Column("confirmed_at", UTCDateTime, nullable=False),
+    sa.Column("retracted_at", UTCDateTime, nullable=True),
+    sa.UniqueConstraint("src_type", "src_id", "relation", "dst_type", "dst_id"),
+    sa.CheckConstraint(sa.column("kind").in_(("deterministic", "inferred")), name="kind"),
+    sa.Index("ix_edges_dst", "dst_type", "dst_id"),
+)

@@ -1,0 +1,506 @@
+"""``FactStore``: the one place that reads and writes the fact store.
+
+Every statement is built with SQLAlchemy Core (parameterized, never from strings) and runs unchanged on
+PostgreSQL and SQLite; where the two differ (row locking, date truncation) the difference is chosen
+here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from enrichment_assets.events import Event, EventType
+from enrichment_assets.factstore import migrations
+from enrichment_assets.factstore.engine import create_engine
+from enrichment_assets.factstore.models import (
+    Claim,
+    DueWork,
+    EntityKey,
+    EntityRecord,
+    FinishResult,
+    IngestResult,
+    Outcome,
+    RetryPolicy,
+    TypeStatus,
+)
+from enrichment_assets.factstore.schema import PENDING_STATES, EntityState, entities
+from enrichment_assets.factstore.types import JSONDocument, UTCDateTime
+
+Granularity = Literal["hour", "day"]
+_WINDOW_LENGTH: dict[str, timedelta] = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
+_SQLITE_TRUNC = {"hour": "%Y-%m-%d %H:00:00", "day": "%Y-%m-%d 00:00:00"}
+# Keeps tuple IN lists and executemany pages well inside every driver's parameter limits.
+_KEY_CHUNK = 500
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ClaimError(RuntimeError):
+    """A claim operation was refused (for example, an empty owner)."""
+
+
+class FactStore:
+    """Entities, references and edges, with the claim-and-process queue on top.
+
+    ``clock`` and ``rng`` are injectable so tests can expire leases and check backoff without sleeping.
+    """
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.engine = engine
+        self._clock = clock
+        self._rng = rng or random.Random()
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> FactStore:
+        return cls(create_engine(url), **kwargs)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def migrate(self, revision: str = "head") -> None:
+        """Bring the schema to ``revision`` (safe to call from many processes at once)."""
+        migrations.upgrade(self.engine, revision)
+
+    def revision(self) -> str | None:
+        return migrations.current_revision(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- ingestion ----------------------------------------------------------------------------------
+
+    def ingest_events(self, batch: Iterable[Event]) -> IngestResult:
+        """Apply a batch of thin events in one transaction and one upsert statement.
+
+        ``created``/``updated`` make the entity ``uncached`` (due now); ``deleted`` makes it a tombstone.
+        The version is bumped only when the state changes or a claim is in flight (so the in-flight
+        result knows it is stale): a duplicate event changes nothing. An event whose ``occurred_at`` is
+        older than the last one applied to that entity is ignored.
+        """
+        events = list(batch)
+        latest = _latest_per_entity(events)
+        if not latest:
+            return IngestResult(received=0, entities=0, by_event_type={})
+        now = self._clock()
+        rows = [
+            {
+                "entity_type": event.entity_type,
+                "entity_id": event.entity_id,
+                "state": _state_for(event.event_type),
+                "version": 1,
+                "first_seen_at": now,
+                "updated_at": now,
+                "last_event_at": event.occurred_at,
+                "attempts": 0,
+                "next_attempt_at": None if event.event_type is EventType.DELETED else now,
+            }
+            for event in latest.values()
+        ]
+        with self.engine.begin() as conn:
+            conn.execute(self._upsert_statement(), rows)
+        return IngestResult(
+            received=len(events),
+            entities=len(latest),
+            by_event_type=dict(Counter(e.event_type.value for e in events)),
+        )
+
+    def _upsert_statement(self) -> sa.Insert:
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        stmt = insert(entities)
+        new = stmt.excluded
+        changed = sa.or_(entities.c.state != new.state, entities.c.claim_owner.is_not(None))
+
+        def if_changed(value: sa.ColumnElement[Any], column: sa.Column[Any]) -> sa.ColumnElement[Any]:
+            return sa.case((changed, value), else_=column)
+
+        return stmt.on_conflict_do_update(
+            index_elements=[entities.c.entity_type, entities.c.entity_id],
+            set_={
+                "state": new.state,
+                "version": entities.c.version + sa.case((changed, 1), else_=0),
+                "updated_at": if_changed(new.updated_at, entities.c.updated_at),
+                "attempts": if_changed(sa.literal(0), entities.c.attempts),
+                "next_attempt_at": if_changed(new.next_attempt_at, entities.c.next_attempt_at),
+                "last_error": if_changed(sa.null(), entities.c.last_error),
+                "waiting_on": if_changed(sa.null(), entities.c.waiting_on),
+                "last_event_at": sa.func.coalesce(new.last_event_at, entities.c.last_event_at),
+            },
+            where=sa.or_(
+                new.last_event_at.is_(None),
+                entities.c.last_event_at.is_(None),
+                new.last_event_at >= entities.c.last_event_at,
+            ),
+        )
+
+    # -- the claim-and-process queue ----------------------------------------------------------------
+
+    def claim(
+        self,
+        entity_type: str,
+        *,
+        limit: int,
+        owner: str,
+        lease: timedelta,
+        window: tuple[datetime, datetime] | None = None,
+        refresh_before: datetime | None = None,
+    ) -> list[Claim]:
+        """Lease up to ``limit`` due candidates of one type to ``owner``, oldest due first.
+
+        Candidates are pending entities (``uncached``/``partially_resolved``) whose ``next_attempt_at``
+        has come, plus, when ``refresh_before`` is given, enriched entities last enriched before it.
+        ``window`` restricts to entities first seen in ``[start, end)``. Rows leased to someone else are
+        skipped until their lease expires, so concurrent callers never get the same entity.
+        """
+        if not owner:
+            raise ClaimError("a claim needs a non-empty owner")
+        if limit <= 0:
+            return []
+        now = self._clock()
+        scope = [entities.c.entity_type == entity_type]
+        if window is not None:
+            scope += [entities.c.first_seen_at >= window[0], entities.c.first_seen_at < window[1]]
+        free = sa.or_(entities.c.claim_owner.is_(None), entities.c.claim_expires_at <= now)
+        with self.engine.begin() as conn:
+            claims = self._lease(
+                conn,
+                [*scope, entities.c.state.in_(PENDING_STATES), entities.c.next_attempt_at <= now, free],
+                order_by=entities.c.next_attempt_at,
+                limit=limit,
+                owner=owner,
+                expires=now + lease,
+            )
+            if refresh_before is not None and len(claims) < limit:
+                claims += self._lease(
+                    conn,
+                    [
+                        *scope,
+                        entities.c.state == EntityState.FULLY_ENRICHED.value,
+                        entities.c.last_enriched_at < refresh_before,
+                        sa.or_(entities.c.next_attempt_at.is_(None), entities.c.next_attempt_at <= now),
+                        free,
+                    ],
+                    order_by=entities.c.last_enriched_at,
+                    limit=limit - len(claims),
+                    owner=owner,
+                    expires=now + lease,
+                )
+        return claims
+
+    def _lease(
+        self,
+        conn: sa.Connection,
+        where: list[sa.ColumnElement[bool]],
+        *,
+        order_by: sa.ColumnElement[Any],
+        limit: int,
+        owner: str,
+        expires: datetime,
+    ) -> list[Claim]:
+        # PostgreSQL: SKIP LOCKED lets concurrent claimers pass over each other's rows instead of
+        # queueing on them. SQLite: the whole transaction holds the single write lock (BEGIN IMMEDIATE).
+        pick = (
+            sa.select(entities.c.entity_type, entities.c.entity_id)
+            .where(*where)
+            .order_by(order_by)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        stmt = (
+            sa.update(entities)
+            .where(sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(pick))
+            .values(claim_owner=owner, claim_expires_at=expires, attempts=entities.c.attempts + 1)
+            .returning(
+                entities.c.entity_type,
+                entities.c.entity_id,
+                entities.c.version,
+                entities.c.state,
+                entities.c.attempts,
+                entities.c.first_seen_at,
+            )
+        )
+        return [Claim(*row) for row in conn.execute(stmt)]
+
+    def finish(self, owner: str, outcomes: Sequence[Outcome], retry: RetryPolicy) -> FinishResult:
+        """Record the outcome of claimed entities and release their claims, all in one transaction.
+
+        Outcomes for entities no longer leased to ``owner`` (the lease expired and someone else took
+        them) are not applied and come back in ``lost``. If an event arrived after the claim (the
+        version moved), hydrated attributes are kept but the state the event set stands, so the entity
+        is enriched again.
+        """
+        if not outcomes:
+            return FinishResult()
+        now = self._clock()
+        counts: Counter[str] = Counter()
+        with self.engine.begin() as conn:
+            held = self._held(conn, owner, [o.key for o in outcomes])
+            rows = []
+            for outcome in outcomes:
+                if outcome.key not in held:
+                    continue
+                version, attempts, state = held[outcome.key]
+                if version != outcome.version:
+                    counts["superseded"] += 1
+                row = self._outcome_row(outcome, attempts, state, retry, now)
+                counts[row["new_state"] if row["new_state"] == "quarantined" else outcome.status] += 1
+                rows.append(row)
+            if rows:
+                conn.execute(self._finish_statement(), rows)
+        return FinishResult(
+            enriched=counts["enriched"],
+            partial=counts["partial"],
+            failed=counts["failed"],
+            quarantined=counts["quarantined"],
+            superseded=counts["superseded"],
+            lost=tuple(o.key for o in outcomes if o.key not in held),
+        )
+
+    def _held(self, conn: sa.Connection, owner: str, keys: list[EntityKey]) -> dict[EntityKey, tuple[int, int, str]]:
+        """Lock and return (version, attempts, state) of the keys still leased to ``owner``."""
+        held: dict[EntityKey, tuple[int, int, str]] = {}
+        for chunk in _chunks(keys, _KEY_CHUNK):
+            stmt = (
+                sa.select(
+                    entities.c.entity_type, entities.c.entity_id,
+                    entities.c.version, entities.c.attempts, entities.c.state,
+                )
+                .where(
+                    sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk),
+                    entities.c.claim_owner == owner,
+                )
+                .with_for_update()
+            )
+            for etype, eid, version, attempts, state in conn.execute(stmt):
+                held[(etype, eid)] = (version, attempts, state)
+        return held
+
+    def _outcome_row(
+        self, outcome: Outcome, attempts: int, state: str, retry: RetryPolicy, now: datetime
+    ) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "k_type": outcome.entity_type,
+            "k_id": outcome.entity_id,
+            "claimed_version": outcome.version,
+            "attributes": outcome.attributes,
+            "hydrated_at": now if outcome.attributes is not None else None,
+            "last_enriched_at": None,
+            "last_error": None,
+            "waiting_on": None,
+            "now": now,
+        }
+        if outcome.status == "enriched":
+            row.update(new_state=EntityState.FULLY_ENRICHED.value, attempts=0, next_attempt_at=None,
+                       last_enriched_at=now)
+        elif outcome.status == "partial":
+            row.update(new_state=EntityState.PARTIALLY_RESOLVED.value, attempts=attempts,
+                       next_attempt_at=now + retry.delay(attempts, self._rng),
+                       waiting_on=sorted(outcome.waiting_on) or None)
+        elif attempts >= retry.max_attempts:
+            row.update(new_state=EntityState.QUARANTINED.value, attempts=attempts, next_attempt_at=None,
+                       last_error=outcome.error or "failed")
+        else:
+            row.update(new_state=state, attempts=attempts, next_attempt_at=now + retry.delay(attempts, self._rng),
+                       last_error=outcome.error or "failed")
+        return row
+
+    def _finish_statement(self) -> sa.Update:
+        current = entities.c.version == sa.bindparam("claimed_version")
+
+        def if_current(value: sa.ColumnElement[Any], column: sa.Column[Any]) -> sa.ColumnElement[Any]:
+            return sa.case((current, value), else_=column)
+
+        return (
+            sa.update(entities)
+            .where(
+                entities.c.entity_type == sa.bindparam("k_type"),
+                entities.c.entity_id == sa.bindparam("k_id"),
+            )
+            .values(
+                state=if_current(sa.bindparam("new_state"), entities.c.state),
+                attempts=if_current(sa.bindparam("attempts"), entities.c.attempts),
+                next_attempt_at=if_current(
+                    sa.bindparam("next_attempt_at", type_=UTCDateTime), entities.c.next_attempt_at
+                ),
+                last_enriched_at=if_current(
+                    sa.func.coalesce(sa.bindparam("last_enriched_at", type_=UTCDateTime), entities.c.last_enriched_at),
+                    entities.c.last_enriched_at,
+                ),
+                last_error=if_current(sa.bindparam("last_error", type_=sa.Text), entities.c.last_error),
+                waiting_on=if_current(sa.bindparam("waiting_on", type_=JSONDocument), entities.c.waiting_on),
+                attributes=sa.func.coalesce(sa.bindparam("attributes", type_=JSONDocument), entities.c.attributes),
+                hydrated_at=sa.func.coalesce(sa.bindparam("hydrated_at", type_=UTCDateTime), entities.c.hydrated_at),
+                version=entities.c.version + 1,
+                updated_at=sa.bindparam("now", type_=UTCDateTime),
+                claim_owner=None,
+                claim_expires_at=None,
+            )
+        )
+
+    def release(self, owner: str, keys: Iterable[EntityKey]) -> int:
+        """Give claims back untried (the attempt is not counted). Returns how many were still held."""
+        released = 0
+        with self.engine.begin() as conn:
+            for chunk in _chunks(list(keys), _KEY_CHUNK):
+                result = conn.execute(
+                    sa.update(entities)
+                    .where(
+                        sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk),
+                        entities.c.claim_owner == owner,
+                    )
+                    .values(claim_owner=None, claim_expires_at=None, attempts=entities.c.attempts - 1)
+                )
+                released += result.rowcount
+        return released
+
+    def renew(self, owner: str, keys: Iterable[EntityKey], lease: timedelta) -> int:
+        """Extend the lease on claims still held by ``owner``; returns how many were still held."""
+        expires = self._clock() + lease
+        renewed = 0
+        with self.engine.begin() as conn:
+            for chunk in _chunks(list(keys), _KEY_CHUNK):
+                result = conn.execute(
+                    sa.update(entities)
+                    .where(
+                        sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk),
+                        entities.c.claim_owner == owner,
+                    )
+                    .values(claim_expires_at=expires)
+                )
+                renewed += result.rowcount
+        return renewed
+
+    # -- discovery and reads ------------------------------------------------------------------------
+
+    def due_work(
+        self,
+        *,
+        granularity: Granularity = "day",
+        refresh_intervals: dict[str, timedelta] | None = None,
+    ) -> list[DueWork]:
+        """Due candidates grouped by (entity type, window of ``first_seen_at``), oldest window first.
+
+        Reads only the pending partial index (plus the enriched-by-age index for refresh), so its cost
+        follows the amount of due work rather than the size of the table.
+        """
+        now = self._clock()
+        window = self._window_expr(granularity)
+        free = sa.or_(entities.c.claim_owner.is_(None), entities.c.claim_expires_at <= now)
+        conditions = [
+            sa.and_(entities.c.state.in_(PENDING_STATES), entities.c.next_attempt_at <= now, free)
+        ]
+        for etype, interval in (refresh_intervals or {}).items():
+            conditions.append(
+                sa.and_(
+                    entities.c.entity_type == etype,
+                    entities.c.state == EntityState.FULLY_ENRICHED.value,
+                    entities.c.last_enriched_at < now - interval,
+                    sa.or_(entities.c.next_attempt_at.is_(None), entities.c.next_attempt_at <= now),
+                    free,
+                )
+            )
+        due_at = sa.func.coalesce(entities.c.next_attempt_at, entities.c.last_enriched_at)
+        totals: Counter[tuple[str, datetime]] = Counter()
+        oldest: dict[tuple[str, datetime], datetime] = {}
+        with self.engine.connect() as conn:
+            for condition in conditions:
+                stmt = (
+                    sa.select(entities.c.entity_type, window, sa.func.count(), sa.func.min(due_at))
+                    .where(condition)
+                    .group_by(entities.c.entity_type, window)
+                )
+                for etype, start, count, first_due in conn.execute(stmt):
+                    start = _as_utc(start)
+                    key = (etype, start)
+                    totals[key] += count
+                    first_due = _as_utc(first_due)
+                    oldest[key] = min(oldest.get(key, first_due), first_due)
+        length = _WINDOW_LENGTH[granularity]
+        return [
+            DueWork(etype, start, start + length, totals[(etype, start)], oldest[(etype, start)])
+            for etype, start in sorted(totals, key=lambda k: (k[1], k[0]))
+        ]
+
+    def _window_expr(self, granularity: Granularity) -> sa.ColumnElement[Any]:
+        if granularity not in _WINDOW_LENGTH:
+            raise ValueError(f"granularity must be one of {sorted(_WINDOW_LENGTH)}, not {granularity!r}")
+        if self.dialect == "postgresql":
+            utc_wall = sa.func.timezone("UTC", entities.c.first_seen_at)
+            return sa.func.date_trunc(granularity, utc_wall).label("window_start")
+        return sa.func.strftime(_SQLITE_TRUNC[granularity], entities.c.first_seen_at).label("window_start")
+
+    def get_entity(self, entity_type: str, entity_id: str) -> EntityRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(*[entities.c[f] for f in EntityRecord.__dataclass_fields__]).where(
+                    entities.c.entity_type == entity_type, entities.c.entity_id == entity_id
+                )
+            ).first()
+        return EntityRecord(*row) if row else None
+
+    def status(self) -> list[TypeStatus]:
+        """Entity counts by type and state, with the longest-waiting pending entity of each type."""
+        with self.engine.connect() as conn:
+            counts: dict[str, dict[str, int]] = {}
+            for etype, state, count in conn.execute(
+                sa.select(entities.c.entity_type, entities.c.state, sa.func.count()).group_by(
+                    entities.c.entity_type, entities.c.state
+                )
+            ):
+                counts.setdefault(etype, {})[state] = count
+            report = []
+            for etype in sorted(counts):
+                oldest = conn.execute(
+                    sa.select(entities.c.entity_id, entities.c.first_seen_at)
+                    .where(entities.c.entity_type == etype, entities.c.state.in_(PENDING_STATES))
+                    .order_by(entities.c.first_seen_at)
+                    .limit(1)
+                ).first()
+                report.append(
+                    TypeStatus(etype, counts[etype], oldest[0] if oldest else None, oldest[1] if oldest else None)
+                )
+        return report
+
+    def now(self) -> datetime:
+        return self._clock()
+
+
+def _state_for(event_type: EventType) -> str:
+    return EntityState.DELETED.value if event_type is EventType.DELETED else EntityState.UNCACHED.value
+
+
+def _latest_per_entity(events: Sequence[Event]) -> dict[EntityKey, Event]:
+    """The event that wins per entity: the last in batch order, unless it is older by ``occurred_at``."""
+    latest: dict[EntityKey, Event] = {}
+    for event in events:
+        key = (event.entity_type, event.entity_id)
+        seen = latest.get(key)
+        if seen is None or seen.occurred_at is None or event.occurred_at is None or event.occurred_at >= seen.occurred_at:
+            latest[key] = event
+    return latest
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _as_utc(value: datetime | str) -> datetime:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
