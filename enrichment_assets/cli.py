@@ -1,0 +1,110 @@
+"""The ``enrichment`` command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from enrichment_assets.console import console, status_table
+from enrichment_assets.events import EventBatchError, validate_lines
+from enrichment_assets.factstore import FactStore
+from enrichment_assets.settings import ConfigError, Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _open_store(settings: Settings) -> FactStore:
+    store = FactStore.from_url(settings.database_url)
+    store.migrate()
+    return store
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Async graph enrichment: ingest thin events, enrich them from their sources, serve the graph.
+
+    Configuration comes from the environment: ENRICHMENT_DATABASE_URL (default
+    sqlite:///.enrichment/facts.db), ENRICHMENT_POLICY, ENRICHMENT_API_TOKEN.
+    """
+
+
+@main.command()
+@click.argument("source", default="-", type=click.Path(allow_dash=True, dir_okay=False, path_type=Path))
+def ingest(source: Path) -> None:
+    """Ingest thin events from an NDJSON FILE (or - for standard input).
+
+    The whole file is validated before anything is written; a bad line rejects it all and every bad
+    line is listed. Ingesting the same file twice is harmless.
+    """
+    settings = _settings()
+    stream = sys.stdin if str(source) == "-" else source.open(encoding="utf-8")
+    with stream:
+        lines = [(n, line) for n, line in enumerate(stream, start=1) if line.strip()]
+    if not lines:
+        raise click.ClickException(f"no events in {source}")
+    out = console(stderr=True)
+    try:
+        with Progress(
+            TextColumn("validating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            console=out, transient=True, disable=len(lines) < 50_000,
+        ) as progress:
+            task = progress.add_task("validate", total=len(lines))
+            events = validate_lines(
+                progress.track(lines, task_id=task), entity_types=settings.entity_types
+            )
+    except EventBatchError as error:
+        for problem in error.problems:
+            out.print(f"[red]line {problem.line}[/red]: {problem.message}")
+        more = " (first 50 shown)" if error.truncated else ""
+        raise click.ClickException(f"{source}: rejected{more}; nothing was written") from None
+    store = _open_store(settings)
+    with out.status(f"writing {len(events):,} events"):
+        result = store.ingest_events(events)
+    console().print(
+        f"ingested {result.received:,} events for {result.entities:,} entities "
+        + ", ".join(f"{k}={v:,}" for k, v in sorted(result.by_event_type.items()))
+    )
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def serve(host: str, port: int) -> None:
+    """Serve the ingest and read API under uvicorn."""
+    import uvicorn
+
+    from enrichment_assets.api import create_app
+
+    settings = _settings()
+    store = _open_store(settings)
+    uvicorn.run(create_app(store, settings), host=host, port=port, log_level="info")
+
+
+@main.command()
+def status() -> None:
+    """Counts by entity type and state, and the longest-waiting entity of each type."""
+    store = _open_store(_settings())
+    console().print(status_table(store.status(), store.now()))
+
+
+@main.command()
+def migrate() -> None:
+    """Create or upgrade the fact store schema to the newest revision."""
+    store = _open_store(_settings())
+    console().print(f"fact store schema at revision {store.revision()}")
+
+
+@main.command()
+def demo() -> None:
+    """Run the quick-start demo against the configured (default: embedded SQLite) fact store."""
+    from enrichment_assets.demo import run_demo
+
+    run_demo(_settings())
