@@ -1,0 +1,37 @@
+# Two commands on a fresh machine with Python 3.11+: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test bench dev clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed: run make PYTHON=python3.11 ...")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: ingest a demo batch through the real API and show the fact store's state.
+demo: $(STAMP)
+	$(BIN)/enrichment demo
+
+## Start a throwaway PostgreSQL (and, as later layers need them, the other servers) and run pytest.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+## Benchmarks (by hand; each prints its figure and its ratio against a baseline measured in the same run).
+bench: $(STAMP)
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/claim.py
+
+## The Dagster UI on a local SQLite instance under .enrichment/dagster.
+dev: $(STAMP)
+	mkdir -p .enrichment/dagster && touch .enrichment/dagster/dagster.yaml
+	DAGSTER_HOME=$(CURDIR)/.enrichment/dagster $(BIN)/dagster dev -w workspace.yaml
+
+clean:
+	rm -rf $(VENV) .enrichment

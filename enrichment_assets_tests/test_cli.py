@@ -1,0 +1,81 @@
+"""The ``enrichment`` command: ingesting NDJSON files (all-or-nothing), status, migrate, and the demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from enrichment_assets.cli import main
+from enrichment_assets.factstore import FactStore
+
+
+@pytest.fixture
+def env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("ENRICHMENT_DATABASE_URL", database_url)
+    monkeypatch.setenv("ENRICHMENT_ENTITY_TYPES", "thing,other")
+    monkeypatch.delenv("ENRICHMENT_API_TOKEN", raising=False)
+    return database_url
+
+
+def write(path: Path, *events: dict[str, object]) -> Path:
+    path.write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    return path
+
+
+def test_ingest_file_then_status(env: str, tmp_path: Path) -> None:
+    events = [{"entity_type": "thing", "entity_id": f"t{i}", "event_type": "created"} for i in range(3)]
+    events.append({"entity_type": "other", "entity_id": "o1", "event_type": "deleted"})
+    runner = CliRunner()
+    result = runner.invoke(main, ["ingest", str(write(tmp_path / "e.ndjson", *events))])
+    assert result.exit_code == 0, result.output
+    assert "ingested 4 events for 4 entities" in result.output
+    status = runner.invoke(main, ["status"])
+    assert status.exit_code == 0
+    thing_row = next(line for line in status.output.splitlines() if line.startswith("│ thing"))
+    assert [cell.strip() for cell in thing_row.split("│")[1:9]] == ["thing", "3", "0", "0", "0", "0", "3", "t0"]
+
+
+def test_ingest_from_stdin(env: str) -> None:
+    line = json.dumps({"entity_type": "thing", "entity_id": "s", "event_type": "created"})
+    result = CliRunner().invoke(main, ["ingest", "-"], input=line + "\n")
+    assert result.exit_code == 0, result.output
+    assert FactStore.from_url(env).get_entity("thing", "s").state == "uncached"
+
+
+def test_bad_file_is_rejected_whole_with_every_bad_line(env: str, tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "bad.ndjson",
+        {"entity_type": "thing", "entity_id": "good", "event_type": "created"},
+        {"entity_type": "unknown", "entity_id": "x", "event_type": "created"},
+        {"entity_type": "thing", "entity_id": "", "event_type": "created"},
+    )
+    result = CliRunner().invoke(main, ["ingest", str(path)])
+    assert result.exit_code != 0
+    assert "line 2" in result.output and "line 3" in result.output
+    assert "nothing was written" in result.output
+    assert FactStore.from_url(env).status() == []
+
+
+def test_migrate_reports_the_revision(env: str) -> None:
+    result = CliRunner().invoke(main, ["migrate"])
+    assert result.exit_code == 0
+    assert "revision 0002" in result.output
+
+
+def test_bad_configuration_is_a_clear_error(env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("ENRICHMENT_ENTITY_TYPES")
+    monkeypatch.setenv("ENRICHMENT_POLICY", str(tmp_path / "missing.yaml"))
+    result = CliRunner().invoke(main, ["status"])
+    assert result.exit_code != 0
+    assert "cannot read policy file" in result.output
+
+
+def test_demo_ingests_over_http_and_shows_the_store(env: str) -> None:
+    result = CliRunner().invoke(main, ["demo"])
+    assert result.exit_code == 0, result.output
+    assert "-> 422" in result.output and "-> 202" in result.output
+    [thing, other] = [s for s in FactStore.from_url(env).status() if s.entity_type in {"thing", "other"}]
+    assert other.counts == {"uncached": 247, "deleted": 3}
