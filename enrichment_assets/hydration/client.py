@@ -1,0 +1,277 @@
+"""One async HTTP client per source system: the only code that talks to sources.
+
+The rules live here, never in an asset: explicit timeouts; a sliding-window rate limit and a concurrency
+cap per source; retries with exponential backoff and jitter on 5xx, timeouts and connection errors;
+``Retry-After`` honoured on 429; a circuit breaker; 404 meaning "not there yet" (a forward reference,
+not an error); bodies checked for size and shape. Ids are percent-encoded into exactly one path segment
+of the source's template and the request path is built raw, so no id can change the host or step
+outside its template. Redirects are never followed. The auth header's value is read from its
+environment variable once, when the client is built, and appears in no log, metric or error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from datetime import UTC, datetime
+from typing import Any, Literal
+from urllib.parse import quote
+
+import httpx
+
+from enrichment_assets.hydration.limits import CircuitBreaker, RateLimiter
+from enrichment_assets.policy import EntityType, Source
+
+log = logging.getLogger(__name__)
+
+Status = Literal["found", "missing", "error", "unavailable"]
+MAX_RETRY_AFTER_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What a source said about one entity. ``unavailable`` means the source is down (circuit open):
+    the attempt should be deferred, not counted against the entity."""
+
+    status: Status
+    body: dict[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass
+class SourceStats:
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+    entities_requested: int = 0
+    by_status: Counter[str] = field(default_factory=Counter)
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests, "retries": self.retries, "throttled": self.throttled,
+            "entities_requested": self.entities_requested, "errors": self.errors,
+            "by_status": dict(self.by_status),
+        }
+
+
+class _Failure(Exception):
+    def __init__(self, message: str, *, unavailable: bool = False) -> None:
+        super().__init__(message)
+        self.unavailable = unavailable
+
+
+def encode_segment(entity_id: str) -> str:
+    """Percent-encode an id as one path segment. ``.`` and ``..`` are encoded too: as literal segments
+    they would be resolved away by anything that normalizes the path."""
+    encoded = quote(entity_id, safe="")
+    if set(entity_id) <= {"."}:
+        encoded = encoded.replace(".", "%2E")
+    return encoded
+
+
+class SourceClient:
+    """Fetch entities from one source. Build once per run; ``aclose()`` when done."""
+
+    def __init__(
+        self,
+        name: str,
+        source: Source,
+        *,
+        environ: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        env = os.environ if environ is None else environ
+        self.name = name
+        self.source = source
+        self.base = httpx.URL(source.resolved_base_url(dict(env)))
+        headers = {"accept": "application/json", "user-agent": "enrichment-assets"}
+        if source.auth_header is not None and env.get(source.auth_header.env):
+            headers[source.auth_header.name] = env[source.auth_header.env]
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(source.timeout_seconds),
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=source.max_concurrency, max_keepalive_connections=source.max_concurrency),
+            transport=transport,
+        )
+        self._limiter = RateLimiter(source.requests_per_second)
+        self._slots = asyncio.Semaphore(source.max_concurrency)
+        self.breaker = CircuitBreaker(source.circuit_failure_threshold, source.circuit_reset.total_seconds())
+        self._rng = rng or random.Random()
+        self.stats = SourceStats()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def fetch(self, entity_type: EntityType, ids: Sequence[str]) -> dict[str, Fetched]:
+        """Fetch distinct ``ids`` of one type, through the batch endpoint when the type has one."""
+        unique = list(dict.fromkeys(ids))
+        self.stats.entities_requested += len(unique)
+        if entity_type.batch_path and len(unique) > 1:
+            size = self.source.max_batch_size or 1
+            chunks = [unique[i : i + size] for i in range(0, len(unique), size)]
+            parts = await asyncio.gather(*(self._fetch_batch(entity_type, chunk) for chunk in chunks))
+            return {k: v for part in parts for k, v in part.items()}
+        results = await asyncio.gather(*(self._fetch_one(entity_type, entity_id) for entity_id in unique))
+        return dict(zip(unique, results, strict=True))
+
+    async def _fetch_one(self, entity_type: EntityType, entity_id: str) -> Fetched:
+        path = entity_type.path.replace("{id}", encode_segment(entity_id))
+        try:
+            response, body = await self._get(self._url(path))
+        except _Failure as failure:
+            return self._failed(failure)
+        if response.status_code == 404:
+            return Fetched("missing")
+        try:
+            document = _json_object(body, self.source.max_body_bytes)
+        except ValueError as error:
+            return self._failed(_Failure(f"{self.name}: malformed body for {entity_id!r}: {error}"))
+        return Fetched("found", document)
+
+    async def _fetch_batch(self, entity_type: EntityType, ids: list[str]) -> dict[str, Fetched]:
+        assert entity_type.batch_path is not None
+        query = "&".join(f"ids={quote(entity_id, safe='')}" for entity_id in ids)
+        try:
+            response, body = await self._get(self._url(entity_type.batch_path, query))
+            if response.status_code != 200:
+                raise _Failure(f"{self.name}: batch request answered {response.status_code}")
+            document = _json_object(body, self.source.max_body_bytes)
+            items, missing = document.get("items"), document.get("missing", [])
+            if not isinstance(items, list) or not isinstance(missing, list):
+                raise ValueError("expected {'items': [...], 'missing': [...]}")
+        except _Failure as failure:
+            fetched = self._failed(failure)
+            return dict.fromkeys(ids, fetched)
+        except ValueError as error:
+            fetched = self._failed(_Failure(f"{self.name}: malformed batch body: {error}"))
+            return dict.fromkeys(ids, fetched)
+        wanted = set(ids)
+        results: dict[str, Fetched] = {}
+        for item in items:
+            if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"] in wanted:
+                results[item["id"]] = Fetched("found", item)
+        for entity_id in missing:
+            if isinstance(entity_id, str) and entity_id in wanted and entity_id not in results:
+                results[entity_id] = Fetched("missing")
+        for entity_id in ids:
+            if entity_id not in results:
+                results[entity_id] = self._failed(_Failure(f"{self.name}: batch answer left out {entity_id!r}"))
+        return results
+
+    def _url(self, path: str, query: str = "") -> httpx.URL:
+        raw = self.base.raw_path.split(b"?")[0].rstrip(b"/") + path.encode("ascii")
+        if query:
+            raw += b"?" + query.encode("ascii")
+        url = self.base.copy_with(raw_path=raw)
+        if url.host != self.base.host or url.port != self.base.port:
+            raise ValueError("request URL left its source")  # unreachable by construction; kept as a guard
+        return url
+
+    def _failed(self, failure: _Failure) -> Fetched:
+        self.stats.errors += 1
+        return Fetched("unavailable" if failure.unavailable else "error", error=str(failure))
+
+    async def _get(self, url: httpx.URL) -> tuple[httpx.Response, bytes]:
+        """GET with limits, retries and the breaker. Returns a 2xx or 404 answer, or raises _Failure."""
+        last = "no attempt made"
+        for attempt in range(self.source.max_retries + 1):
+            if attempt:
+                self.stats.retries += 1
+            if not self.breaker.allow():
+                raise _Failure(
+                    f"{self.name} unavailable: circuit open for {self.breaker.seconds_until_retry():.0f}s more "
+                    f"after repeated failures ({last})", unavailable=True)
+            try:
+                async with self._slots:
+                    await self._limiter.acquire()
+                    self.stats.requests += 1
+                    response, body = await self._send(url)
+            except httpx.TimeoutException:
+                last = f"timed out after {self.source.timeout_seconds}s"
+                self.breaker.record_failure()
+            except httpx.TransportError as error:
+                last = f"connection failed ({type(error).__name__})"
+                self.breaker.record_failure()
+            except _BodyTooLarge:
+                self.breaker.record_success()
+                raise _Failure(f"{self.name}: body over {self.source.max_body_bytes} bytes") from None
+            else:
+                status = response.status_code
+                self.stats.by_status[str(status)] += 1
+                if status == 429:
+                    self.stats.throttled += 1
+                    await asyncio.sleep(self._retry_after(response, attempt))
+                    last = "throttled (429)"
+                    continue
+                if status >= 500:
+                    last = f"answered {status}"
+                    self.breaker.record_failure()
+                elif 300 <= status < 400:
+                    self.breaker.record_success()
+                    raise _Failure(f"{self.name}: answered a redirect ({status}); redirects are not followed")
+                elif status >= 400 and status != 404:
+                    self.breaker.record_success()
+                    raise _Failure(f"{self.name}: answered {status}")
+                else:
+                    self.breaker.record_success()
+                    return response, body
+            if attempt < self.source.max_retries:
+                await asyncio.sleep(self._backoff(attempt))
+        raise _Failure(f"{self.name}: gave up after {self.source.max_retries + 1} attempts: {last}")
+
+    async def _send(self, url: httpx.URL) -> tuple[httpx.Response, bytes]:
+        async with self._client.stream("GET", url) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.source.max_body_bytes:
+                raise _BodyTooLarge
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > self.source.max_body_bytes:
+                    raise _BodyTooLarge
+                chunks.append(chunk)
+        return response, b"".join(chunks)
+
+    def _backoff(self, attempt: int) -> float:
+        base = min(0.2 * 2**attempt, 5.0)
+        return base * self._rng.uniform(0.5, 1.5)
+
+    def _retry_after(self, response: httpx.Response, attempt: int) -> float:
+        raw = response.headers.get("retry-after", "").strip()
+        seconds: float | None = None
+        if raw.replace(".", "", 1).isdigit():
+            seconds = float(raw)
+        elif raw:
+            try:
+                seconds = (parsedate_to_datetime(raw) - datetime.now(UTC)).total_seconds()
+            except (TypeError, ValueError):
+                seconds = None
+        if seconds is None:
+            seconds = self._backoff(attempt)
+        return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _json_object(body: bytes, limit: int) -> dict[str, Any]:
+    if len(body) > limit:
+        raise ValueError(f"body over {limit} bytes")
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("not JSON") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"expected a JSON object, got {type(document).__name__}")
+    return document
