@@ -62,7 +62,7 @@ def ingest(source: Path) -> None:
             )
     except EventBatchError as error:
         for problem in error.problems:
-            out.print(f"[red]line {problem.line}[/red]: {problem.message}")
+            out.print(f"[red]line {problem.line}[/red]: {problem.message}", soft_wrap=True)
         more = " (first 50 shown)" if error.truncated else ""
         raise click.ClickException(f"{source}: rejected{more}; nothing was written") from None
     store = _open_store(settings)
@@ -100,6 +100,31 @@ def migrate() -> None:
     """Create or upgrade the fact store schema to the newest revision."""
     store = _open_store(_settings())
     console().print(f"fact store schema at revision {store.revision()}")
+
+
+@main.group()
+def policy() -> None:
+    """Inspect policy files."""
+
+
+@policy.command("validate")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def policy_validate(path: Path) -> None:
+    """Validate a policy FILE and summarize the domain it declares."""
+    from enrichment_assets.console import policy_tables
+    from enrichment_assets.policy import PolicyError, load_policy
+
+    try:
+        loaded = load_policy(path)
+    except PolicyError as error:
+        out = console(stderr=True)
+        for problem in error.problems:
+            out.print(f"[red]{path}[/red]: {problem}", soft_wrap=True)
+        raise click.ClickException(f"{path} is not a valid policy ({len(error.problems)} problem(s))") from None
+    out = console()
+    for table in policy_tables(loaded):
+        out.print(table)
+    out.print(f"[green]{path} is valid[/green]")
 
 
 @main.command()

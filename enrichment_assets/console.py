@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from enrichment_assets.factstore import EntityState, TypeStatus
+from enrichment_assets.policy import Policy
 
 STATE_COLUMNS = [s.value for s in EntityState]
 _HEADERS = {"partially_resolved": "partial", "fully_enriched": "enriched"}
@@ -58,3 +59,29 @@ def console(stderr: bool = False) -> Console:
         # Logs and CI capture get full rows instead of rich's 80-column default.
         out.width = 120
     return out
+
+
+def policy_tables(policy: Policy) -> list[Table]:
+    sources = Table(title="Sources", title_justify="left")
+    for column in ("source", "base URL", "req/s", "concurrency", "timeout", "batch"):
+        sources.add_column(column)
+    for name, source in sorted(policy.sources.items()):
+        sources.add_row(name, source.resolved_base_url(), f"{source.requests_per_second:g}",
+                        str(source.max_concurrency), f"{source.timeout_seconds:g}s",
+                        str(source.max_batch_size or "-"))
+    types = Table(title="Entity types", title_justify="left")
+    for column in ("type", "source", "path", "references"):
+        types.add_column(column)
+    for name, etype in sorted(policy.entity_types.items()):
+        refs = ", ".join(f"{r} ({ref.field} -> {ref.type})" for r, ref in etype.references.items()) or "-"
+        types.add_row(name, etype.source, etype.path, refs)
+    edges = Table(title="Derived edges", title_justify="left")
+    for column in ("from", "relation", "to", "path", "budget", "refresh"):
+        edges.add_column(column)
+    for name in sorted(policy.entity_types):
+        effective = policy.effective(name)
+        for rule in effective.edges:
+            edges.add_row(name, rule.relation, policy.edge_target_type(name, rule), " -> ".join(rule.path),
+                          humanize_seconds(effective.staleness_budget.total_seconds()),
+                          humanize_seconds(effective.refresh_interval.total_seconds()))
+    return [sources, types, edges]

@@ -246,7 +246,8 @@ class PolicyProblem:
 
     def __str__(self) -> str:
         where = f"line {self.line}, " if self.line else ""
-        return f"{where}{self.key}: {self.message}"
+        key = "" if self.key.startswith("(") else f"{self.key}: "
+        return f"{where}{key}{self.message}"
 
 
 class PolicyError(ValueError):
@@ -263,7 +264,7 @@ def load_policy(path: Path | str) -> Policy:
     try:
         text = path.read_text()
     except OSError as error:
-        raise PolicyError(path, [PolicyProblem("(file)", f"cannot read: {error.strerror}", None)]) from error
+        raise PolicyError(path, [PolicyProblem("(file)", f"cannot read policy file: {error.strerror}", None)]) from error
     return parse_policy(text, source_name=str(path))
 
 

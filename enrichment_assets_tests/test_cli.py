@@ -11,11 +11,13 @@ from click.testing import CliRunner
 from enrichment_assets.cli import main
 from enrichment_assets.factstore import FactStore
 
+THINGS_POLICY = Path(__file__).parent / "policies" / "things.yaml"
+
 
 @pytest.fixture
 def env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("ENRICHMENT_DATABASE_URL", database_url)
-    monkeypatch.setenv("ENRICHMENT_ENTITY_TYPES", "thing,other")
+    monkeypatch.setenv("ENRICHMENT_POLICY", str(THINGS_POLICY))
     monkeypatch.delenv("ENRICHMENT_API_TOKEN", raising=False)
     return database_url
 
@@ -66,7 +68,6 @@ def test_migrate_reports_the_revision(env: str) -> None:
 
 
 def test_bad_configuration_is_a_clear_error(env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("ENRICHMENT_ENTITY_TYPES")
     monkeypatch.setenv("ENRICHMENT_POLICY", str(tmp_path / "missing.yaml"))
     result = CliRunner().invoke(main, ["status"])
     assert result.exit_code != 0

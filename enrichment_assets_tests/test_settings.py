@@ -17,16 +17,15 @@ def test_defaults_read_types_from_the_shipped_policy() -> None:
     assert len(settings.entity_types) >= 6
 
 
-def test_configured_list_overrides_the_policy() -> None:
-    settings = Settings.from_env({"ENRICHMENT_ENTITY_TYPES": " a, b ,,", "ENRICHMENT_MAX_EVENTS": "7"})
-    assert settings.entity_types == {"a", "b"}
-    assert settings.max_events == 7
-
-
 def test_types_come_from_the_policy_file_named(tmp_path: Path) -> None:
     policy = tmp_path / "p.yaml"
-    policy.write_text("entity_types:\n  widget: {source: shop}\n  gadget: {source: shop}\n")
-    assert Settings.from_env({"ENRICHMENT_POLICY": str(policy)}).entity_types == {"widget", "gadget"}
+    policy.write_text(
+        "sources: {shop: {base_url: 'http://127.0.0.1:9'}}\n"
+        "entity_types:\n  widget: {source: shop, path: '/w/{id}'}\n  gadget: {source: shop, path: '/g/{id}'}\n"
+    )
+    settings = Settings.from_env({"ENRICHMENT_POLICY": str(policy), "ENRICHMENT_MAX_EVENTS": "7"})
+    assert settings.entity_types == {"widget", "gadget"}
+    assert settings.max_events == 7
 
 
 @pytest.mark.parametrize(
@@ -45,8 +44,13 @@ def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> No
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("entity_types: [a, b]\n", "must be a non-empty mapping"), ("entity_types: {a: [\n", "not valid YAML")],
-    ids=["list", "broken-yaml"],
+    [
+        ("entity_types: [a, b]\n", "entity_types: Input should be a valid dictionary"),
+        ("entity_types: {a: [\n", "line 2, while parsing"),
+        ("sources: {s: {base_url: 'http://x'}}\nentity_types: {a: {source: t, path: '/a/{id}'}}\n",
+         "line 2, entity_types.a.source: unknown source 't'"),
+    ],
+    ids=["list", "broken-yaml", "unknown-source"],
 )
 def test_bad_policy_file_is_named(tmp_path: Path, text: str, message: str) -> None:
     policy = tmp_path / "p.yaml"
