@@ -72,12 +72,19 @@ def test_reingesting_the_same_events_changes_nothing(store: FactStore) -> None:
     assert after == before
 
 
-def test_deleted_entity_is_a_tombstone_and_never_claimed(store: FactStore) -> None:
+def test_deleted_entity_is_a_tombstone_claimed_once_for_cleanup(store: FactStore, clock) -> None:
     store.ingest_events([event("a"), event("b")])
     store.ingest_events([event("a", "deleted")])
     record = store.get_entity("thing", "a")
-    assert (record.state, record.version, record.next_attempt_at) == ("deleted", 2, None)
-    assert [c.entity_id for c in claim_all(store)] == ["b"]
+    assert (record.state, record.version, record.next_attempt_at) == ("deleted", 2, clock.now)
+    claims = {c.entity_id: c for c in claim_all(store)}
+    assert claims["a"].state == "deleted"
+    result = store.finish("w1", [Outcome.of(c, "deleted" if c.state == "deleted" else "enriched", attributes={})
+                                 for c in claims.values()], RETRY)
+    assert (result.deleted, result.enriched) == (1, 1)
+    record = store.get_entity("thing", "a")
+    assert (record.state, record.next_attempt_at) == ("deleted", None)
+    assert claim_all(store) == [] and store.due_work() == []
     store.ingest_events([event("a", "created")])
     assert store.get_entity("thing", "a").state == "uncached", "a re-created entity comes back"
 
@@ -139,10 +146,11 @@ def test_max_attempts_quarantines_and_a_new_event_releases(store: FactStore, clo
 def test_partial_outcome_records_what_it_waits_on(store: FactStore, clock) -> None:
     store.ingest_events([event("a")])
     [claim] = claim_all(store)
-    store.finish("w1", [Outcome.of(claim, "partial", attributes={"x": 1}, waiting_on=["other:9", "other:2"])], RETRY)
+    store.finish("w1", [Outcome.of(claim, "partial", attributes={"x": 1},
+                                   waiting_on=(("other", "9"), ("other", "2")))], RETRY)
     record = store.get_entity("thing", "a")
     assert record.state == "partially_resolved"
-    assert record.waiting_on == ["other:2", "other:9"]
+    assert record.waiting_on == [["other", "2"], ["other", "9"]]
     assert record.attributes == {"x": 1}
     assert record.next_attempt_at > clock.now
     assert claim_all(store) == []
@@ -159,7 +167,7 @@ def test_partial_never_quarantines(store: FactStore, clock) -> None:
     for _ in range(RETRY.max_attempts + 2):
         clock.advance(hours=2)
         [claim] = claim_all(store)
-        store.finish("w1", [Outcome.of(claim, "partial", waiting_on=["other:1"])], RETRY)
+        store.finish("w1", [Outcome.of(claim, "partial", waiting_on=(("other", "1"),))], RETRY)
     assert store.get_entity("thing", "a").state == "partially_resolved"
 
 
@@ -175,7 +183,8 @@ def test_event_during_hydration_supersedes_the_result(store: FactStore) -> None:
     assert (a.state, a.last_enriched_at, a.attributes) == ("uncached", None, {"seen": True})
     assert b.state == "deleted", "a deletion that lands mid-flight is never undone"
     assert a.version == 3 and b.version == 3
-    assert [c.entity_id for c in claim_all(store)] == ["a"], "the dirty entity is due again at once"
+    again = {c.entity_id: c.state for c in claim_all(store)}
+    assert again == {"a": "uncached", "b": "deleted"}, "both are due again at once"
 
 
 def test_claims_respect_limit_window_and_type(store: FactStore, clock) -> None:

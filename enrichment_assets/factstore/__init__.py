@@ -2,12 +2,15 @@
 
 from enrichment_assets.factstore.models import (
     Claim,
+    DerivedEdge,
+    EdgeChange,
     DueWork,
     EntityKey,
     EntityRecord,
     FinishResult,
     IngestResult,
     Outcome,
+    ReferenceFact,
     RetryPolicy,
     TypeStatus,
 )
@@ -16,6 +19,8 @@ from enrichment_assets.factstore.store import ClaimError, FactStore
 
 __all__ = [
     "Claim",
+    "DerivedEdge",
+    "EdgeChange",
     "ClaimError",
     "DueWork",
     "EntityKey",
@@ -25,6 +30,7 @@ __all__ = [
     "FinishResult",
     "IngestResult",
     "Outcome",
+    "ReferenceFact",
     "RetryPolicy",
     "TypeStatus",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -60,25 +60,67 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class DerivedEdge:
+    """An edge a walk derived from its root; ``path`` is every entity from the root to ``dst``."""
+
+    relation: str
+    dst_type: str
+    dst_id: str
+    path: tuple[EntityKey, ...]
+
+
+@dataclass(frozen=True)
+class EdgeChange:
+    src_type: str
+    src_id: str
+    relation: str
+    dst_type: str
+    dst_id: str
+    change: Literal["asserted", "retracted"]
+
+    @property
+    def ends(self) -> tuple[EntityKey, EntityKey]:
+        return (self.src_type, self.src_id), (self.dst_type, self.dst_id)
+
+
+@dataclass(frozen=True)
+class ReferenceFact:
+    """A 1-hop reference read from a source: ``field`` names the reference in the policy file."""
+
+    field: str
+    to_type: str
+    to_id: str
+    resolved: bool
+
+
+OutcomeStatus = Literal["enriched", "partial", "failed", "deferred", "deleted"]
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What one attempt at a claimed entity produced.
 
-    - ``enriched``: every path resolved; the entity becomes ``fully_enriched``.
-    - ``partial``: some references are not there yet (``waiting_on``); retried with backoff, never
-      quarantined, because nothing is wrong with the entity itself.
+    - ``enriched``: every path resolved; the entity becomes ``fully_enriched``; ``edges`` are asserted
+      and the root's other edges retracted.
+    - ``partial``: some references are not there yet (``waiting_on``); ``edges`` found so far are
+      asserted and none retracted; retried with backoff, never quarantined.
     - ``failed``: the attempt errored (``error``); retried with backoff, quarantined after max attempts.
+    - ``deferred``: a source was unavailable; retried at ``retry_at`` and the attempt is not counted.
+    - ``deleted``: a tombstone was processed; every edge touching it is retracted.
     """
 
     entity_type: str
     entity_id: str
     version: int
-    status: Literal["enriched", "partial", "failed"]
+    status: OutcomeStatus
     attributes: dict[str, Any] | None = None
-    waiting_on: list[str] = field(default_factory=list)
+    waiting_on: tuple[EntityKey, ...] = ()
     error: str | None = None
+    edges: tuple[DerivedEdge, ...] = ()
+    retry_at: datetime | None = None
 
     @classmethod
-    def of(cls, claim: Claim, status: Literal["enriched", "partial", "failed"], **kwargs: Any) -> Outcome:
+    def of(cls, claim: Claim, status: OutcomeStatus, **kwargs: Any) -> Outcome:
         return cls(claim.entity_type, claim.entity_id, claim.version, status, **kwargs)
 
     @property
@@ -92,8 +134,20 @@ class FinishResult:
     partial: int = 0
     failed: int = 0
     quarantined: int = 0
+    deferred: int = 0
+    deleted: int = 0
     superseded: int = 0
     lost: tuple[EntityKey, ...] = ()
+    edge_changes: tuple[EdgeChange, ...] = ()
+    edges_confirmed: int = 0
+
+    @property
+    def edges_asserted(self) -> int:
+        return sum(1 for c in self.edge_changes if c.change == "asserted")
+
+    @property
+    def edges_retracted(self) -> int:
+        return sum(1 for c in self.edge_changes if c.change == "retracted")
 
 
 @dataclass(frozen=True)

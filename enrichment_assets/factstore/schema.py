@@ -22,6 +22,8 @@ class EntityState(enum.StrEnum):
 
 
 PENDING_STATES = (EntityState.UNCACHED.value, EntityState.PARTIALLY_RESOLVED.value)
+# Tombstones are claimed once more, so enrichment can retract their edges and drop their documents.
+CLAIMABLE_STATES = (*PENDING_STATES, EntityState.DELETED.value)
 STATE_VALUES = tuple(s.value for s in EntityState)
 
 metadata = sa.MetaData(
@@ -60,11 +62,12 @@ entities = sa.Table(
     sa.Column("claim_owner", sa.String(128), nullable=True),
     sa.Column("claim_expires_at", UTCDateTime, nullable=True),
     sa.CheckConstraint(sa.column("state").in_(STATE_VALUES), name="state"),
-    # Claims scan pending rows of one type by due time; discovery groups the same rows by window.
-    # Partial indexes keep both proportional to the pending set, not to the table.
+    # Claims scan rows with scheduled work (next_attempt_at set) by due time; discovery groups the
+    # same rows by window. Partial indexes keep both proportional to that set, not to the table.
     sa.Index(
         "ix_entities_pending_due", "entity_type", "next_attempt_at", "first_seen_at",
-        **_pending(sa.column("state")),
+        postgresql_where=sa.column("next_attempt_at").is_not(None),
+        sqlite_where=sa.column("next_attempt_at").is_not(None),
     ),
     sa.Index("ix_entities_pending_age", "entity_type", "first_seen_at", **_pending(sa.column("state"))),
     sa.Index(
@@ -110,4 +113,16 @@ edges = sa.Table(
     sa.UniqueConstraint("src_type", "src_id", "relation", "dst_type", "dst_id"),
     sa.CheckConstraint(sa.column("kind").in_(("deterministic", "inferred")), name="kind"),
     sa.Index("ix_edges_dst", "dst_type", "dst_id"),
+)
+
+waits = sa.Table(
+    "waits",
+    metadata,
+    # A partially resolved entity waiting on a forward reference that its walk could not resolve.
+    sa.Column("entity_type", sa.String(128), primary_key=True),
+    sa.Column("entity_id", sa.String(512), primary_key=True),
+    sa.Column("target_type", sa.String(128), primary_key=True),
+    sa.Column("target_id", sa.String(512), primary_key=True),
+    sa.Column("since", UTCDateTime, nullable=False),
+    sa.Index("ix_waits_target", "target_type", "target_id"),
 )

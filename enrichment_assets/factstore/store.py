@@ -17,20 +17,23 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from enrichment_assets.events import Event, EventType
-from enrichment_assets.factstore import migrations
+from enrichment_assets.factstore import graph, migrations
 from enrichment_assets.factstore.engine import create_engine
 from enrichment_assets.factstore.models import (
     Claim,
+    DerivedEdge,
+    EdgeChange,
     DueWork,
     EntityKey,
     EntityRecord,
     FinishResult,
     IngestResult,
     Outcome,
+    ReferenceFact,
     RetryPolicy,
     TypeStatus,
 )
-from enrichment_assets.factstore.schema import PENDING_STATES, EntityState, entities
+from enrichment_assets.factstore.schema import CLAIMABLE_STATES, PENDING_STATES, EntityState, edges, entities
 from enrichment_assets.factstore.types import JSONDocument, UTCDateTime
 
 Granularity = Literal["hour", "day"]
@@ -88,7 +91,8 @@ class FactStore:
     def ingest_events(self, batch: Iterable[Event]) -> IngestResult:
         """Apply a batch of thin events in one transaction and one upsert statement.
 
-        ``created``/``updated`` make the entity ``uncached`` (due now); ``deleted`` makes it a tombstone.
+        ``created``/``updated`` make the entity ``uncached`` (due now); ``deleted`` makes it a tombstone
+        (due once, so enrichment retracts its edges).
         The version is bumped only when the state changes or a claim is in flight (so the in-flight
         result knows it is stale): a duplicate event changes nothing. An event whose ``occurred_at`` is
         older than the last one applied to that entity is ignored.
@@ -108,7 +112,8 @@ class FactStore:
                 "updated_at": now,
                 "last_event_at": event.occurred_at,
                 "attempts": 0,
-                "next_attempt_at": None if event.event_type is EventType.DELETED else now,
+                # Tombstones are due too: enrichment retracts their edges and drops their documents.
+                "next_attempt_at": now,
             }
             for event in latest.values()
         ]
@@ -134,7 +139,8 @@ class FactStore:
             set_={
                 "state": new.state,
                 "version": entities.c.version + sa.case((changed, 1), else_=0),
-                "updated_at": if_changed(new.updated_at, entities.c.updated_at),
+                # Always: any event says the source changed, so earlier hydrations are stale.
+                "updated_at": new.updated_at,
                 "attempts": if_changed(sa.literal(0), entities.c.attempts),
                 "next_attempt_at": if_changed(new.next_attempt_at, entities.c.next_attempt_at),
                 "last_error": if_changed(sa.null(), entities.c.last_error),
@@ -162,8 +168,9 @@ class FactStore:
     ) -> list[Claim]:
         """Lease up to ``limit`` due candidates of one type to ``owner``, oldest due first.
 
-        Candidates are pending entities (``uncached``/``partially_resolved``) whose ``next_attempt_at``
-        has come, plus, when ``refresh_before`` is given, enriched entities last enriched before it.
+        Candidates are pending entities (``uncached``/``partially_resolved``) and unprocessed tombstones
+        whose ``next_attempt_at`` has come, plus, when ``refresh_before`` is given, enriched entities last
+        enriched before it.
         ``window`` restricts to entities first seen in ``[start, end)``. Rows leased to someone else are
         skipped until their lease expires, so concurrent callers never get the same entity.
         """
@@ -179,7 +186,7 @@ class FactStore:
         with self.engine.begin() as conn:
             claims = self._lease(
                 conn,
-                [*scope, entities.c.state.in_(PENDING_STATES), entities.c.next_attempt_at <= now, free],
+                [*scope, entities.c.state.in_(CLAIMABLE_STATES), entities.c.next_attempt_at <= now, free],
                 order_by=entities.c.next_attempt_at,
                 limit=limit,
                 owner=owner,
@@ -237,17 +244,21 @@ class FactStore:
         return [Claim(*row) for row in conn.execute(stmt)]
 
     def finish(self, owner: str, outcomes: Sequence[Outcome], retry: RetryPolicy) -> FinishResult:
-        """Record the outcome of claimed entities and release their claims, all in one transaction.
+        """Record the outcomes of claimed entities, their derived edges and what partial ones wait on,
+        and release the claims, all in one transaction.
 
         Outcomes for entities no longer leased to ``owner`` (the lease expired and someone else took
         them) are not applied and come back in ``lost``. If an event arrived after the claim (the
-        version moved), hydrated attributes are kept but the state the event set stands, so the entity
-        is enriched again.
+        version moved), hydrated attributes are kept but nothing else: the state the event set stands
+        and the entity is enriched again, so a change landing mid-flight is never lost.
         """
         if not outcomes:
             return FinishResult()
         now = self._clock()
         counts: Counter[str] = Counter()
+        walks: dict[EntityKey, tuple[Sequence[DerivedEdge], bool]] = {}
+        waiting: dict[EntityKey, Sequence[EntityKey]] = {}
+        tombstones: list[EntityKey] = []
         with self.engine.begin() as conn:
             held = self._held(conn, owner, [o.key for o in outcomes])
             rows = []
@@ -255,20 +266,33 @@ class FactStore:
                 if outcome.key not in held:
                     continue
                 version, attempts, state = held[outcome.key]
+                row = self._outcome_row(outcome, attempts, state, retry, now)
+                rows.append(row)
                 if version != outcome.version:
                     counts["superseded"] += 1
-                row = self._outcome_row(outcome, attempts, state, retry, now)
-                counts[row["new_state"] if row["new_state"] == "quarantined" else outcome.status] += 1
-                rows.append(row)
+                    continue
+                counts["quarantined" if row["new_state"] == EntityState.QUARANTINED else outcome.status] += 1
+                waiting[outcome.key] = outcome.waiting_on if outcome.status == "partial" else ()
+                if outcome.status in ("enriched", "partial"):
+                    walks[outcome.key] = (outcome.edges, outcome.status == "enriched")
+                elif outcome.status == "deleted":
+                    tombstones.append(outcome.key)
             if rows:
                 conn.execute(self._finish_statement(), rows)
+            changes, confirmed = graph.apply_edges(conn, walks, now)
+            changes += graph.retract_touching(conn, tombstones, now)
+            graph.replace_waits(conn, waiting, now)
         return FinishResult(
             enriched=counts["enriched"],
             partial=counts["partial"],
             failed=counts["failed"],
             quarantined=counts["quarantined"],
+            deferred=counts["deferred"],
+            deleted=counts["deleted"],
             superseded=counts["superseded"],
             lost=tuple(o.key for o in outcomes if o.key not in held),
+            edge_changes=tuple(changes),
+            edges_confirmed=confirmed,
         )
 
     def _held(self, conn: sa.Connection, owner: str, keys: list[EntityKey]) -> dict[EntityKey, tuple[int, int, str]]:
@@ -303,20 +327,27 @@ class FactStore:
             "last_error": None,
             "waiting_on": None,
             "now": now,
+            "new_state": state,
+            "attempts": attempts,
         }
         if outcome.status == "enriched":
             row.update(new_state=EntityState.FULLY_ENRICHED.value, attempts=0, next_attempt_at=None,
                        last_enriched_at=now)
         elif outcome.status == "partial":
-            row.update(new_state=EntityState.PARTIALLY_RESOLVED.value, attempts=attempts,
+            row.update(new_state=EntityState.PARTIALLY_RESOLVED.value,
                        next_attempt_at=now + retry.delay(attempts, self._rng),
-                       waiting_on=sorted(outcome.waiting_on) or None)
+                       waiting_on=[list(key) for key in sorted(set(outcome.waiting_on))] or None)
+        elif outcome.status == "deleted":
+            row.update(next_attempt_at=None, attempts=0)
+        elif outcome.status == "deferred":
+            # The source was down, not the entity: the attempt is given back.
+            row.update(attempts=max(attempts - 1, 0), next_attempt_at=outcome.retry_at or now,
+                       last_error=outcome.error)
         elif attempts >= retry.max_attempts:
-            row.update(new_state=EntityState.QUARANTINED.value, attempts=attempts, next_attempt_at=None,
+            row.update(new_state=EntityState.QUARANTINED.value, next_attempt_at=None,
                        last_error=outcome.error or "failed")
         else:
-            row.update(new_state=state, attempts=attempts, next_attempt_at=now + retry.delay(attempts, self._rng),
-                       last_error=outcome.error or "failed")
+            row.update(next_attempt_at=now + retry.delay(attempts, self._rng), last_error=outcome.error or "failed")
         return row
 
     def _finish_statement(self) -> sa.Update:
@@ -384,6 +415,56 @@ class FactStore:
                 )
                 renewed += result.rowcount
         return renewed
+
+    # -- what walks read and write ------------------------------------------------------------------
+
+    def fresh_attributes(self, entity_type: str, ids: Iterable[str], ttl: timedelta) -> dict[str, dict[str, Any]]:
+        """Attributes still fresh enough to reuse instead of calling the source: hydrated within ``ttl``
+        and not changed by an event since."""
+        now = self._clock()
+        found: dict[str, dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(dict.fromkeys(ids)), _KEY_CHUNK):
+                found.update(tuple(row) for row in conn.execute(
+                    sa.select(entities.c.entity_id, entities.c.attributes).where(
+                        entities.c.entity_type == entity_type,
+                        entities.c.entity_id.in_(chunk),
+                        entities.c.attributes.is_not(None),
+                        entities.c.state != EntityState.DELETED.value,
+                        entities.c.hydrated_at >= now - ttl,
+                        entities.c.hydrated_at >= entities.c.updated_at,
+                    )
+                ))
+        return found
+
+    def record_walk(
+        self,
+        hydrated: Sequence[tuple[str, str, dict[str, Any]]],
+        references: dict[EntityKey, list[ReferenceFact]],
+    ) -> None:
+        """Store what a walk fetched along the way and the 1-hop references it read, in one transaction."""
+        now = self._clock()
+        with self.engine.begin() as conn:
+            graph.record_hydrations(conn, hydrated, now)
+            graph.record_references(conn, references, now)
+
+    def wake_waiters(self) -> int:
+        """Make partially resolved entities due now when something they wait on has arrived."""
+        with self.engine.begin() as conn:
+            return graph.wake_waiters(conn, self._clock())
+
+    def edges_of(self, entity_type: str, entity_id: str, *, relation: str | None = None,
+                 include_retracted: bool = False) -> list[dict[str, Any]]:
+        """Derived edges whose source is the entity, with their provenance."""
+        where = [edges.c.src_type == entity_type, edges.c.src_id == entity_id]
+        if relation is not None:
+            where.append(edges.c.relation == relation)
+        if not include_retracted:
+            where.append(edges.c.retracted_at.is_(None))
+        with self.engine.connect() as conn:
+            return [dict(row) for row in conn.execute(
+                sa.select(edges).where(*where).order_by(edges.c.relation, edges.c.dst_type, edges.c.dst_id)
+            ).mappings()]
 
     # -- discovery and reads ------------------------------------------------------------------------
 

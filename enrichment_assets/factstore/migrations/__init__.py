@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 VERSION_TABLE = "factstore_alembic_version"
 # Any constant works; it only has to be the same in every process that migrates this database.
@@ -31,6 +32,14 @@ def upgrade(engine: sa.Engine, revision: str = "head") -> None:
             # Serializes processes that start at once; SQLite's BEGIN IMMEDIATE already does.
             connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_ADVISORY_LOCK_KEY)))
         command.upgrade(_config(connection), revision)
+
+
+def head_revision() -> str:
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
 
 
 def current_revision(engine: sa.Engine) -> str | None:

@@ -15,6 +15,7 @@ branch_labels = None
 depends_on = None
 
 PENDING = sa.column("state").in_(("uncached", "partially_resolved"))
+SCHEDULED = sa.column("next_attempt_at").is_not(None)
 ENRICHED = sa.column("state") == "fully_enriched"
 
 
@@ -25,7 +26,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("claim_expires_at", UTCDateTime, nullable=True))
     op.create_index(
         "ix_entities_pending_due", "entities", ["entity_type", "next_attempt_at", "first_seen_at"],
-        postgresql_where=PENDING, sqlite_where=PENDING,
+        postgresql_where=SCHEDULED, sqlite_where=SCHEDULED,
     )
     op.create_index(
         "ix_entities_pending_age", "entities", ["entity_type", "first_seen_at"],
