@@ -127,6 +127,26 @@ def policy_validate(path: Path) -> None:
     out.print(f"[green]{path} is valid[/green]")
 
 
+@main.command("enrich-once")
+@click.option("--type", "entity_types", multiple=True, help="Only these entity types (default: all).")
+@click.option("--batch-size", default=500, show_default=True)
+def enrich_once_command(entity_types: tuple[str, ...], batch_size: int) -> None:
+    """Run one in-process enrichment cycle over every type's due work (debugging, benchmarks)."""
+    from enrichment_assets.console import cycle_table
+    from enrichment_assets.hydration.cycle import enrich_once
+
+    settings = _settings()
+    assert settings.policy is not None
+    unknown = set(entity_types) - settings.entity_types
+    if unknown:
+        raise click.ClickException(f"unknown entity types {sorted(unknown)}; declared: {sorted(settings.entity_types)}")
+    store = _open_store(settings)
+    with console(stderr=True).status("enriching"):
+        reports, sources = enrich_once(store, settings.policy, entity_types=entity_types or None, batch_size=batch_size)
+    for table in cycle_table(reports, sources):
+        console().print(table)
+
+
 @main.command()
 def demo() -> None:
     """Run the quick-start demo against the configured (default: embedded SQLite) fact store."""

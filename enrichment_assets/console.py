@@ -85,3 +85,23 @@ def policy_tables(policy: Policy) -> list[Table]:
                           humanize_seconds(effective.staleness_budget.total_seconds()),
                           humanize_seconds(effective.refresh_interval.total_seconds()))
     return [sources, types, edges]
+
+
+def cycle_table(reports: list, sources: dict[str, dict]) -> list[Table]:
+    """Per-type results of an enrichment cycle, and per-source call counts."""
+    types = Table(title="Enrichment cycle", title_justify="left")
+    for column in ("entity type", "claimed", "fetched", "cache hits", "enriched", "partial", "failed",
+                   "deferred", "quarantined", "edges +", "edges -"):
+        types.add_column(column, justify="left" if column == "entity type" else "right")
+    for r in reports:
+        res = r.result
+        types.add_row(r.entity_type, str(r.claimed), str(r.fetched), str(r.cache_hits), str(res.enriched),
+                      str(res.partial), str(res.failed), str(res.deferred), str(res.quarantined),
+                      str(res.edges_asserted), str(res.edges_retracted))
+    calls = Table(title="Source calls", title_justify="left")
+    for column in ("source", "requests", "entities", "retries", "429s", "errors", "circuit"):
+        calls.add_column(column, justify="left" if column == "source" else "right")
+    for name, stats in sorted(sources.items()):
+        calls.add_row(name, str(stats["requests"]), str(stats["entities_requested"]), str(stats["retries"]),
+                      str(stats["throttled"]), str(stats["errors"]), "open" if stats["circuit_open"] else "closed")
+    return [types, calls]

@@ -1,0 +1,56 @@
+"""All the source clients of a policy, built once per run and closed together."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from enrichment_assets.hydration.client import Fetched, SourceClient
+from enrichment_assets.policy import Policy
+
+
+class SourcePool:
+    """``async with SourcePool(policy) as pool: await pool.fetch("team", ids)``.
+
+    ``transports`` lets a test hand one source an ``httpx.MockTransport``.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        environ: Mapping[str, str] | None = None,
+        transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.clients = {
+            name: SourceClient(name, source, environ=environ, transport=(transports or {}).get(name))
+            for name, source in policy.sources.items()
+        }
+
+    def client_for(self, entity_type: str) -> SourceClient:
+        return self.clients[self.policy.entity_types[entity_type].source]
+
+    async def fetch(self, entity_type: str, ids: Sequence[str]) -> dict[str, Fetched]:
+        if not ids:
+            return {}
+        return await self.client_for(entity_type).fetch(self.policy.entity_types[entity_type], ids)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {name: client.stats.as_dict() | {"circuit_open": client.breaker.is_open}
+                for name, client in self.clients.items()}
+
+    async def aclose(self) -> None:
+        for client in self.clients.values():
+            await client.aclose()
+
+    async def __aenter__(self) -> SourcePool:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,218 @@
+"""The multi-hop walker: hydrate claimed entities and everything their policy paths reach, hop by hop,
+then derive the direct edges.
+
+Every hop is fetched for the whole claimed batch at once, de-duplicated per type (a pipeline run shared
+by fifty model instances is fetched once) and reusing hydrations still fresh in the fact store; the
+types needed at one hop are fetched from their sources concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from enrichment_assets.factstore import (
+    Claim,
+    DerivedEdge,
+    EntityKey,
+    FactStore,
+    FinishResult,
+    Outcome,
+    ReferenceFact,
+    RetryPolicy,
+)
+from enrichment_assets.hydration.client import Fetched
+from enrichment_assets.hydration.paths import MalformedField, extract_ids
+from enrichment_assets.hydration.pool import SourcePool
+from enrichment_assets.policy import EffectivePolicy, Policy
+
+Trail = tuple[EntityKey, ...]
+
+
+@dataclass
+class WalkReport:
+    """What one walk over a claimed batch did; the Dagster assets turn it into metadata."""
+
+    entity_type: str
+    claimed: int = 0
+    fetched: int = 0
+    cache_hits: int = 0
+    errors_by_source: Counter[str] = field(default_factory=Counter)
+    result: FinishResult = field(default_factory=FinishResult)
+    # Roots that were processed plus both ends of every asserted or retracted edge: what search
+    # has to re-index.
+    changed: set[EntityKey] = field(default_factory=set)
+
+    def absorb(self, other: WalkReport) -> None:
+        """Add another batch's report of the same type into this one."""
+        self.claimed += other.claimed
+        self.fetched += other.fetched
+        self.cache_hits += other.cache_hits
+        self.errors_by_source.update(other.errors_by_source)
+        self.changed |= other.changed
+        mine, theirs = self.result, other.result
+        self.result = FinishResult(
+            **{name: getattr(mine, name) + getattr(theirs, name)
+               for name in ("enriched", "partial", "failed", "quarantined", "deferred", "deleted", "superseded",
+                            "lost", "edge_changes", "edges_confirmed")}
+        )
+
+
+@dataclass
+class _RootState:
+    claim: Claim
+    edges: dict[tuple[str, str, str], DerivedEdge] = field(default_factory=dict)
+    waiting_on: set[EntityKey] = field(default_factory=set)
+    error: str | None = None
+    unavailable: str | None = None
+
+
+class Walker:
+    """Walks one entity type's policy paths for a batch of claims."""
+
+    def __init__(self, store: FactStore, policy: Policy, pool: SourcePool) -> None:
+        self.store = store
+        self.policy = policy
+        self.pool = pool
+
+    async def run(self, entity_type: str, claims: Sequence[Claim], *, owner: str) -> WalkReport:
+        effective = self.policy.effective(entity_type)
+        report = WalkReport(entity_type, claimed=len(claims))
+        memo: dict[EntityKey, Fetched] = {}
+        roots = {c.key: _RootState(c) for c in claims if c.state != "deleted"}
+        await self._hydrate(entity_type, [k[1] for k in roots], memo, report)
+        for key, state in roots.items():
+            self._classify(state, key, memo[key])
+        await self._walk(effective, roots, memo, report)
+
+        hops = [(t, i, f.body) for (t, i), f in memo.items()
+                if f.status == "found" and f.body is not None and (t, i) not in roots and not isinstance(f, _Reused)]
+        references = self._references(memo)
+        await asyncio.to_thread(self.store.record_walk, hops, references)
+
+        now = self.store.now()
+        outcomes = [self._outcome(state, memo[key], now) for key, state in roots.items()]
+        outcomes += [Outcome.of(c, "deleted") for c in claims if c.state == "deleted"]
+        retry = RetryPolicy(max_attempts=effective.max_attempts, base_delay=effective.retry_base_delay,
+                            max_delay=effective.retry_max_delay)
+        report.result = await asyncio.to_thread(self.store.finish, owner, outcomes, retry)
+        report.changed = {c.key for c in claims if c.key not in report.result.lost}
+        for change in report.result.edge_changes:
+            report.changed.update(change.ends)
+        return report
+
+    async def _hydrate(self, entity_type: str, ids: Sequence[str], memo: dict[EntityKey, Fetched],
+                       report: WalkReport) -> None:
+        needed = [i for i in dict.fromkeys(ids) if (entity_type, i) not in memo]
+        if not needed:
+            return
+        ttl = self.policy.effective(entity_type).hydration_ttl
+        fresh = await asyncio.to_thread(self.store.fresh_attributes, entity_type, needed, ttl)
+        for entity_id, attributes in fresh.items():
+            memo[(entity_type, entity_id)] = _Reused("found", attributes)
+        report.cache_hits += len(fresh)
+        rest = [i for i in needed if i not in fresh]
+        fetched = await self.pool.fetch(entity_type, rest)
+        report.fetched += len(rest)
+        for entity_id, result in fetched.items():
+            memo[(entity_type, entity_id)] = result
+            if result.status in ("error", "unavailable"):
+                report.errors_by_source[self.policy.entity_types[entity_type].source] += 1
+
+    async def _walk(self, effective: EffectivePolicy, roots: dict[EntityKey, _RootState],
+                    memo: dict[EntityKey, Fetched], report: WalkReport) -> None:
+        # frontier[(root, rule index)] = trails from the root whose last entity was found
+        frontier: dict[tuple[EntityKey, int], list[Trail]] = {
+            (key, index): [(key,)]
+            for key, state in roots.items() if state.error is None and state.unavailable is None
+            and memo[key].status == "found"
+            for index in range(len(effective.edges))
+        }
+        done: dict[tuple[EntityKey, int], list[Trail]] = {}
+        depth = max((len(rule.path) for rule in effective.edges), default=0)
+        for level in range(depth):
+            expanded: dict[tuple[EntityKey, int], list[Trail]] = {}
+            needed: dict[str, list[str]] = {}
+            for (root, index), trails in frontier.items():
+                hop = effective.edges[index].path[level]
+                state = roots[root]
+                for trail in trails:
+                    reference = self.policy.entity_types[trail[-1][0]].references[hop]
+                    try:
+                        ids = extract_ids(memo[trail[-1]].body or {}, reference.field)
+                    except MalformedField as error:
+                        state.error = state.error or f"{trail[-1][0]} {trail[-1][1]}: {error}"
+                        continue
+                    for target in ids:
+                        expanded.setdefault((root, index), []).append((*trail, (reference.type, target)))
+                        needed.setdefault(reference.type, []).append(target)
+            await asyncio.gather(*(self._hydrate(t, ids, memo, report) for t, ids in needed.items()))
+            frontier = {}
+            for (root, index), trails in expanded.items():
+                last_hop = level + 1 == len(effective.edges[index].path)
+                for trail in trails:
+                    if self._classify(roots[root], trail[-1], memo[trail[-1]]):
+                        (done if last_hop else frontier).setdefault((root, index), []).append(trail)
+        for (root, index), trails in done.items():
+            relation = effective.edges[index].relation
+            for trail in trails:
+                dst_type, dst_id = trail[-1]
+                roots[root].edges.setdefault((relation, dst_type, dst_id), DerivedEdge(relation, dst_type, dst_id, trail))
+
+    @staticmethod
+    def _classify(state: _RootState, key: EntityKey, fetched: Fetched) -> bool:
+        """Fold one fetched entity into its root's state; True if the walk can go on through it."""
+        if fetched.status == "found":
+            return True
+        if fetched.status == "missing":
+            state.waiting_on.add(key)
+        elif fetched.status == "unavailable":
+            state.unavailable = state.unavailable or fetched.error
+        else:
+            state.error = state.error or f"{key[0]} {key[1]}: {fetched.error}"
+        return False
+
+    def _outcome(self, state: _RootState, root: Fetched, now: Any) -> Outcome:
+        claim = state.claim
+        attributes = root.body if root.status == "found" else None
+        if state.error:
+            return Outcome.of(claim, "failed", attributes=attributes, error=state.error)
+        if state.unavailable:
+            source = self.pool.client_for(claim.entity_type)
+            wait = max(source.breaker.reset_seconds, 5.0)
+            return Outcome.of(claim, "deferred", attributes=attributes, error=state.unavailable,
+                              retry_at=now + timedelta(seconds=wait))
+        edges = tuple(state.edges.values())
+        if state.waiting_on:
+            return Outcome.of(claim, "partial", attributes=attributes, edges=edges,
+                              waiting_on=tuple(sorted(state.waiting_on)))
+        return Outcome.of(claim, "enriched", attributes=attributes, edges=edges)
+
+    def _references(self, memo: dict[EntityKey, Fetched]) -> dict[EntityKey, list[ReferenceFact]]:
+        """Every declared 1-hop reference of every entity found; resolved when its target was found."""
+        facts: dict[EntityKey, list[ReferenceFact]] = {}
+        for key, fetched in memo.items():
+            if fetched.status != "found" or fetched.body is None:
+                continue
+            for name, reference in self.policy.entity_types[key[0]].references.items():
+                try:
+                    ids = extract_ids(fetched.body, reference.field)
+                except MalformedField:
+                    continue
+                for target in ids:
+                    target_key = (reference.type, target)
+                    resolved = target_key in memo and memo[target_key].status == "found"
+                    facts.setdefault(key, []).append(ReferenceFact(name, reference.type, target, resolved))
+            facts.setdefault(key, [])
+        return facts
+
+
+@dataclass(frozen=True)
+class _Reused(Fetched):
+    """A hydration reused from the fact store (not re-stored, not counted as a source call)."""
+
+    reused: bool = True

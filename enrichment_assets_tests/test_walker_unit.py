@@ -1,0 +1,143 @@
+"""The walker's logic against scripted sources (httpx.MockTransport): multi-hop edges, per-batch
+de-duplication, forward references, malformed fields, errors, and deferral when a source is down."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from enrichment_assets.events import Event
+from enrichment_assets.factstore import FactStore
+from enrichment_assets.hydration.cycle import enrich_cycle
+from enrichment_assets.hydration.pool import SourcePool
+from enrichment_assets.policy import load_policy
+
+POLICY = load_policy(Path(__file__).parent / "policies" / "chain.yaml")
+
+
+class Sources:
+    """Scripted entity JSON per (type, id); counts requests per entity."""
+
+    def __init__(self, data: dict[tuple[str, str], Any]) -> None:
+        self.data = data
+        self.hits: dict[tuple[str, str], int] = {}
+        self.down: set[str] = set()
+
+    def transport(self, host: str) -> httpx.MockTransport:
+        def handle(request: httpx.Request) -> httpx.Response:
+            if host in self.down:
+                return httpx.Response(503)
+            parts = request.url.path.split("/")  # /api/<type>/<id> or /api/<type>?ids=
+            etype = parts[2]
+            ids = request.url.params.get_list("ids") if len(parts) == 3 else [parts[3]]
+            for i in ids:
+                self.hits[(etype, i)] = self.hits.get((etype, i), 0) + 1
+            if len(parts) == 3:
+                items = [self.data[(etype, i)] for i in ids if (etype, i) in self.data]
+                return httpx.Response(200, json={"items": items, "missing": [i for i in ids if (etype, i) not in self.data]})
+            body = self.data.get((etype, ids[0]))
+            return httpx.Response(404) if body is None else httpx.Response(200, json=body)
+        return httpx.MockTransport(handle)
+
+
+def cycle(store: FactStore, sources: Sources, types: list[str] | None = None):
+    async def run():
+        transports = {"alpha": sources.transport("alpha"), "beta": sources.transport("beta")}
+        async with SourcePool(POLICY, transports=transports) as pool:
+            return await enrich_cycle(store, POLICY, pool, owner="test", entity_types=types)
+    return {r.entity_type: r for r in asyncio.run(run())}
+
+
+def graph() -> Sources:
+    data = {
+        ("a", "a1"): {"id": "a1", "b_id": "b1", "c_ids": ["c9"]},
+        ("a", "a2"): {"id": "a2", "b_id": "b1"},
+        ("b", "b1"): {"id": "b1", "cells": [{"c_id": "c1"}, {"c_id": "c2"}, {"c_id": "c1"}]},
+        ("c", "c1"): {"id": "c1"}, ("c", "c2"): {"id": "c2"}, ("c", "c9"): {"id": "c9"},
+    }
+    return Sources(data)
+
+
+def edges(store: FactStore, entity_id: str) -> set[tuple[str, str]]:
+    return {(e["relation"], e["dst_id"]) for e in store.edges_of("a", entity_id)}
+
+
+@pytest.fixture
+def store(database_url: str) -> FactStore:
+    fact_store = FactStore.from_url(database_url)
+    fact_store.ingest_events([Event(entity_type="a", entity_id=i, event_type="created") for i in ("a1", "a2")])
+    return fact_store
+
+
+def test_multi_hop_edges_with_provenance_and_shared_hops_fetched_once(store: FactStore) -> None:
+    sources = graph()
+    report = cycle(store, sources, ["a"])["a"]
+    assert edges(store, "a1") == {("reaches", "c1"), ("reaches", "c2"), ("direct", "c9")}
+    assert edges(store, "a2") == {("reaches", "c1"), ("reaches", "c2")}
+    assert sources.hits[("b", "b1")] == 1 and sources.hits[("c", "c1")] == 1, "shared hops fetched once"
+    [reach] = [e for e in store.edges_of("a", "a1") if e["dst_id"] == "c1"]
+    assert reach["path"] == [["a", "a1"], ["b", "b1"], ["c", "c1"]]
+    assert report.result.enriched == 2 and report.result.edges_asserted == 5
+    assert store.get_entity("a", "a1").state == "fully_enriched"
+    assert store.get_entity("b", "b1").attributes["cells"][0] == {"c_id": "c1"}, "hops are stored"
+    assert {("a", "a1"), ("a", "a2"), ("c", "c1"), ("c", "c2"), ("c", "c9")} <= report.changed
+
+
+def test_hops_are_reused_from_the_store_while_fresh(store: FactStore) -> None:
+    sources = graph()
+    cycle(store, sources, ["a"])
+    before = dict(sources.hits)
+    report = cycle(store, sources, ["b", "c"])
+    assert report["b"].cache_hits == 1 and report["c"].cache_hits == 3
+    assert sources.hits == before, "their own enrichment made no source call"
+    assert store.get_entity("b", "b1").state == "fully_enriched"
+
+
+def test_missing_hop_is_a_forward_reference_then_resolves(store: FactStore) -> None:
+    sources = graph()
+    sources.data.pop(("c", "c2"))
+    report = cycle(store, sources, ["a"])["a"]
+    assert report.result.partial == 2
+    record = store.get_entity("a", "a2")
+    assert record.state == "partially_resolved" and record.waiting_on == [["c", "c2"]]
+    assert edges(store, "a2") == {("reaches", "c1")}, "what resolved is asserted"
+    sources.data[("c", "c2")] = {"id": "c2"}
+    store.ingest_events([Event(entity_type="c", entity_id="c2", event_type="created")])
+    report = cycle(store, sources, ["a"])["a"]
+    assert report.result.enriched == 2
+    assert edges(store, "a2") == {("reaches", "c1"), ("reaches", "c2")}
+
+
+def test_malformed_field_fails_the_root_with_the_field_named(store: FactStore) -> None:
+    sources = graph()
+    sources.data[("b", "b1")] = {"id": "b1", "cells": {"c_id": "c1"}}
+    report = cycle(store, sources, ["a"])["a"]
+    assert report.result.failed == 2
+    record = store.get_entity("a", "a1")
+    assert "cells[*].c_id" in record.last_error and record.attempts == 1
+    assert edges(store, "a1") == set()
+
+
+def test_source_down_defers_without_counting_an_attempt(store: FactStore) -> None:
+    sources = graph()
+    sources.down.add("beta")
+    report = cycle(store, sources, ["a"])["a"]
+    assert report.result.deferred + report.result.failed == 2
+    record = store.get_entity("a", "a1")
+    assert record.state == "uncached" and record.last_error
+    assert report.errors_by_source["beta"] >= 1
+
+
+def test_changed_path_retracts_the_old_edge(store: FactStore) -> None:
+    sources = graph()
+    cycle(store, sources, ["a"])
+    sources.data[("b", "b1")] = {"id": "b1", "cells": [{"c_id": "c2"}]}
+    store.ingest_events([Event(entity_type="a", entity_id="a2", event_type="updated"),
+                         Event(entity_type="b", entity_id="b1", event_type="updated")])
+    report = cycle(store, sources, ["a"])["a"]
+    assert edges(store, "a2") == {("reaches", "c2")}
+    assert [(c.src_id, c.dst_id) for c in report.result.edge_changes if c.change == "retracted"] == [("a2", "c1")]
