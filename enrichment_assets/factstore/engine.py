@@ -42,8 +42,11 @@ def _serialize_sqlite_writers(engine: sa.Engine) -> None:
         # Let SQLAlchemy's "begin" below issue BEGIN itself (pysqlite would defer it).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=60000")
+        # WAL is stored in the file; switching needs a lock another process may hold, so only the
+        # first connection to a new database switches.
+        if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
