@@ -140,4 +140,30 @@ def test_changed_path_retracts_the_old_edge(store: FactStore) -> None:
                          Event(entity_type="b", entity_id="b1", event_type="updated")])
     report = cycle(store, sources, ["a"])["a"]
     assert edges(store, "a2") == {("reaches", "c2")}
-    assert [(c.src_id, c.dst_id) for c in report.result.edge_changes if c.change == "retracted"] == [("a2", "c1")]
+    retracted = {(c.src_id, c.dst_id) for c in report.result.edge_changes if c.change == "retracted"}
+    assert retracted == {("a2", "c1"), ("a1", "c1")}, "a1 walks through the changed b1 too"
+    assert report.propagated == 1
+
+
+def test_a_changed_hop_makes_the_roots_through_it_due_again(store: FactStore) -> None:
+    sources = graph()
+    cycle(store, sources)
+    assert store.get_entity("a", "a2").state == "fully_enriched"
+    sources.data[("b", "b1")] = {"id": "b1", "cells": [{"c_id": "c2"}]}
+    store.ingest_events([Event(entity_type="b", entity_id="b1", event_type="updated")])
+    report = cycle(store, sources)
+    assert report["b"].propagated == 2, "b1's referrers a1 and a2 are due again"
+    assert store.get_entity("a", "a2").state == "uncached"
+    cycle(store, sources)
+    assert edges(store, "a2") == {("reaches", "c2")}
+    assert edges(store, "a1") == {("reaches", "c2"), ("direct", "c9")}
+
+
+def test_a_changed_path_end_propagates_nothing(store: FactStore) -> None:
+    sources = graph()
+    cycle(store, sources)
+    sources.data[("c", "c1")] = {"id": "c1", "label": "renamed"}
+    store.ingest_events([Event(entity_type="c", entity_id="c1", event_type="updated")])
+    report = cycle(store, sources)
+    assert report["c"].propagated == 0
+    assert store.get_entity("a", "a1").state == "fully_enriched"

@@ -29,15 +29,19 @@ def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
         yield items[start : start + _CHUNK]
 
 
-def record_hydrations(conn: sa.Connection, rows: Sequence[tuple[str, str, dict[str, Any]]], now: datetime) -> None:
-    """Store attributes fetched for entities met along a walk.
+def record_hydrations(
+    conn: sa.Connection, rows: Sequence[tuple[str, str, dict[str, Any]]], now: datetime
+) -> list[EntityKey]:
+    """Store attributes fetched for entities met along a walk; return the known entities whose
+    attributes changed (their referrers' derived edges may no longer hold).
 
     Unknown entities are added as ``uncached`` (they get their own enrichment, which will reuse this
     hydration while it is fresh). Known ones keep their state and version: another worker may hold
     them, and a version bump here would make its result look superseded.
     """
     if not rows:
-        return
+        return []
+    before = stored_attributes(conn, [(t, i) for t, i, _ in rows])
     stmt = _insert(conn, entities)
     conn.execute(
         stmt.on_conflict_do_update(
@@ -51,6 +55,48 @@ def record_hydrations(conn: sa.Connection, rows: Sequence[tuple[str, str, dict[s
             for t, i, attrs in rows
         ],
     )
+    return [(t, i) for t, i, attrs in rows if before.get((t, i)) not in (None, attrs)]
+
+
+def stored_attributes(conn: sa.Connection, keys: Sequence[EntityKey]) -> dict[EntityKey, dict[str, Any]]:
+    found: dict[EntityKey, dict[str, Any]] = {}
+    for chunk in _chunks(list(keys)):
+        for etype, eid, attributes in conn.execute(
+            sa.select(entities.c.entity_type, entities.c.entity_id, entities.c.attributes).where(
+                sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk),
+                entities.c.attributes.is_not(None),
+            )
+        ):
+            found[(etype, eid)] = attributes
+    return found
+
+
+def referrers(conn: sa.Connection, field: str, to_type: str, to_ids: Sequence[str]) -> set[EntityKey]:
+    """Entities whose live reference ``field`` points at one of ``to_ids``."""
+    found: set[EntityKey] = set()
+    for chunk in _chunks(list(to_ids)):
+        found.update(tuple(row) for row in conn.execute(
+            sa.select(references.c.from_type, references.c.from_id).where(
+                references.c.to_type == to_type, references.c.to_id.in_(chunk),
+                references.c.field == field, references.c.retracted_at.is_(None),
+            )
+        ))
+    return found
+
+
+def mark_dirty(conn: sa.Connection, keys: Sequence[EntityKey], now: datetime) -> int:
+    """Make settled entities due again because something on their paths changed."""
+    marked = 0
+    for chunk in _chunks(list(keys)):
+        marked += conn.execute(
+            sa.update(entities)
+            .where(
+                sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk),
+                entities.c.state.in_((EntityState.FULLY_ENRICHED.value, EntityState.PARTIALLY_RESOLVED.value)),
+            )
+            .values(state=EntityState.UNCACHED.value, next_attempt_at=now, attempts=0, version=entities.c.version + 1)
+        ).rowcount
+    return marked
 
 
 def record_references(conn: sa.Connection, facts: dict[EntityKey, list[ReferenceFact]], now: datetime) -> None:

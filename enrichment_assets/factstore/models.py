@@ -140,6 +140,8 @@ class FinishResult:
     lost: tuple[EntityKey, ...] = ()
     edge_changes: tuple[EdgeChange, ...] = ()
     edges_confirmed: int = 0
+    # Claimed entities whose hydrated attributes differ from what the store had.
+    attributes_changed: tuple[EntityKey, ...] = ()
 
     @property
     def edges_asserted(self) -> int:

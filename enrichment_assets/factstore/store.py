@@ -287,8 +287,10 @@ class FactStore:
         walks: dict[EntityKey, tuple[Sequence[DerivedEdge], bool]] = {}
         waiting: dict[EntityKey, Sequence[EntityKey]] = {}
         tombstones: list[EntityKey] = []
+        changed_attributes: list[EntityKey] = []
         with self.engine.begin() as conn:
             held = self._held(conn, owner, [o.key for o in outcomes])
+            before = graph.stored_attributes(conn, [o.key for o in outcomes if o.attributes is not None])
             rows = []
             for outcome in outcomes:
                 if outcome.key not in held:
@@ -296,6 +298,8 @@ class FactStore:
                 version, attempts, state = held[outcome.key]
                 row = self._outcome_row(outcome, attempts, state, retry, now)
                 rows.append(row)
+                if before.get(outcome.key) not in (None, outcome.attributes):
+                    changed_attributes.append(outcome.key)
                 if version != outcome.version:
                     counts["superseded"] += 1
                     continue
@@ -321,6 +325,7 @@ class FactStore:
             lost=tuple(o.key for o in outcomes if o.key not in held),
             edge_changes=tuple(changes),
             edges_confirmed=confirmed,
+            attributes_changed=tuple(changed_attributes),
         )
 
     def _held(self, conn: sa.Connection, owner: str, keys: list[EntityKey]) -> dict[EntityKey, tuple[int, int, str]]:
@@ -469,12 +474,25 @@ class FactStore:
         self,
         hydrated: Sequence[tuple[str, str, dict[str, Any]]],
         references: dict[EntityKey, list[ReferenceFact]],
-    ) -> None:
-        """Store what a walk fetched along the way and the 1-hop references it read, in one transaction."""
+    ) -> list[EntityKey]:
+        """Store what a walk fetched along the way and the 1-hop references it read, in one
+        transaction. Returns the already-known entities whose attributes changed."""
         now = self._clock()
         with self.engine.begin() as conn:
-            graph.record_hydrations(conn, hydrated, now)
+            changed = graph.record_hydrations(conn, hydrated, now)
             graph.record_references(conn, references, now)
+        return changed
+
+    def referrers(self, field: str, to_type: str, to_ids: Sequence[str]) -> set[EntityKey]:
+        """Entities whose live 1-hop reference ``field`` points at one of ``to_ids``."""
+        with self.engine.connect() as conn:
+            return graph.referrers(conn, field, to_type, to_ids)
+
+    def mark_dirty(self, keys: Iterable[EntityKey]) -> int:
+        """Make settled (enriched or partial) entities due now, with a new version: something their
+        derived edges were walked through has changed."""
+        with self.engine.begin() as conn:
+            return graph.mark_dirty(conn, sorted(set(keys)), self._clock())
 
     def wake_waiters(self) -> int:
         """Make partially resolved entities due now when something they wait on has arrived."""

@@ -28,6 +28,7 @@ from enrichment_assets.factstore import (
 from enrichment_assets.hydration.client import Fetched
 from enrichment_assets.hydration.paths import MalformedField, extract_ids
 from enrichment_assets.hydration.pool import SourcePool
+from enrichment_assets.hydration.propagation import affected_roots
 from enrichment_assets.policy import EffectivePolicy, Policy
 
 Trail = tuple[EntityKey, ...]
@@ -46,19 +47,22 @@ class WalkReport:
     # Roots that were processed plus both ends of every asserted or retracted edge: what search
     # has to re-index.
     changed: set[EntityKey] = field(default_factory=set)
+    # Settled roots made due again because an entity on their paths changed at its source.
+    propagated: int = 0
 
     def absorb(self, other: WalkReport) -> None:
         """Add another batch's report of the same type into this one."""
         self.claimed += other.claimed
         self.fetched += other.fetched
         self.cache_hits += other.cache_hits
+        self.propagated += other.propagated
         self.errors_by_source.update(other.errors_by_source)
         self.changed |= other.changed
         mine, theirs = self.result, other.result
         self.result = FinishResult(
             **{name: getattr(mine, name) + getattr(theirs, name)
                for name in ("enriched", "partial", "failed", "quarantined", "deferred", "deleted", "superseded",
-                            "lost", "edge_changes", "edges_confirmed")}
+                            "lost", "edge_changes", "edges_confirmed", "attributes_changed")}
         )
 
 
@@ -92,7 +96,7 @@ class Walker:
         hops = [(t, i, f.body) for (t, i), f in memo.items()
                 if f.status == "found" and f.body is not None and (t, i) not in roots and not isinstance(f, _Reused)]
         references = self._references(memo)
-        await asyncio.to_thread(self.store.record_walk, hops, references)
+        changed_hops = await asyncio.to_thread(self.store.record_walk, hops, references)
 
         now = self.store.now()
         outcomes = [self._outcome(state, memo[key], now) for key, state in roots.items()]
@@ -100,6 +104,10 @@ class Walker:
         retry = RetryPolicy(max_attempts=effective.max_attempts, base_delay=effective.retry_base_delay,
                             max_delay=effective.retry_max_delay)
         report.result = await asyncio.to_thread(self.store.finish, owner, outcomes, retry)
+        changed = [*changed_hops, *report.result.attributes_changed]
+        if changed:
+            stale = await asyncio.to_thread(affected_roots, self.store, self.policy, changed)
+            report.propagated = await asyncio.to_thread(self.store.mark_dirty, stale - {c.key for c in claims})
         report.changed = {c.key for c in claims if c.key not in report.result.lost}
         for change in report.result.edge_changes:
             report.changed.update(change.ends)
