@@ -12,6 +12,7 @@ from enrichment_assets.console import console, status_table
 from enrichment_assets.events import EventBatchError, validate_lines
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.settings import ConfigError, Settings
+from enrichment_assets.simulator.cli import simulate
 
 
 def _settings() -> Settings:
@@ -153,3 +154,6 @@ def demo() -> None:
     from enrichment_assets.demo import run_demo
 
     run_demo(_settings())
+
+
+main.add_command(simulate)

@@ -26,6 +26,7 @@ omitted (or null) means every source.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pydantic
@@ -162,7 +163,8 @@ def admin_routes(sim: Simulator) -> list[Route]:
             return JSONResponse({"error": "limit must be an integer"}, status_code=400)
         return JSONResponse({"requests": sim.stats.recent(limit, request.query_params.get("source"))})
 
-    def post(path: str, handler: Any, model: type[_Body], status: int = 200) -> Route:
+    def post(path: str, handler: Callable[[Any], Awaitable[dict[str, Any]]], model: type[_Body],
+             status: int = 200) -> Route:
         async def endpoint(request: Request) -> JSONResponse:
             try:
                 result = await handler(await _parse(request, model))

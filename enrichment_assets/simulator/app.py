@@ -40,7 +40,10 @@ _MALFORMED_SINGLE = (
     (b'{"id": "', "application/json"),
     (b'["not", "an", "entity"]', "application/json"),
 )
-_MALFORMED_BATCH = (*_MALFORMED_SINGLE[:2], (b'{"items": {"unexpected": true}, "missing": "none"}', "application/json"))
+_MALFORMED_BATCH = (
+    *_MALFORMED_SINGLE[:2],
+    (b'{"items": {"unexpected": true}, "missing": "none"}', "application/json"),
+)
 
 
 class Simulator:
@@ -91,7 +94,7 @@ def create_app(simulator: Simulator) -> Starlette:
         return JSONResponse({"status": "ok", "entities": simulator.graph.counts()})
 
     async def source(request: Request) -> Response:
-        return await _answer(simulator, request, match_raw_path(request.scope.get("raw_path", b"")))
+        return await _answer(simulator, request, match_raw_path(_raw_path(request.scope)))
 
     routes = [
         Route("/healthz", healthz),
@@ -101,10 +104,12 @@ def create_app(simulator: Simulator) -> Starlette:
     return Starlette(routes=routes, middleware=[Middleware(_RequestRecorder, simulator=simulator)])
 
 
-async def _answer(sim: Simulator, request: Request, match: RouteMatch | None) -> Response:
-    if match is None:
-        return _error(404, "no such route")
-    name = match.source.name
+def _raw_path(scope: Scope) -> bytes:
+    return scope.get("raw_path") or scope["path"].encode("utf-8")
+
+
+async def _faults(sim: Simulator, name: str) -> Response | None:
+    """The knobs that answer before the request is looked at; None lets it through."""
     down = sim.knobs.outage_remaining(name)
     if down is not None:
         headers = {} if math.isinf(down) else {"Retry-After": str(math.ceil(down))}
@@ -116,8 +121,16 @@ async def _answer(sim: Simulator, request: Request, match: RouteMatch | None) ->
     if delay > 0:
         await asyncio.sleep(delay)
     injected = sim.knobs.injected_error(name)
-    if injected is not None:
-        return _error(injected, "injected failure")
+    return None if injected is None else _error(injected, "injected failure")
+
+
+async def _answer(sim: Simulator, request: Request, match: RouteMatch | None) -> Response:
+    if match is None:
+        return _error(404, "no such route")
+    name = match.source.name
+    refused = await _faults(sim, name)
+    if refused is not None:
+        return refused
     entity_type = match.entity_type
     if entity_type is None:
         return _error(404, "no such route")
@@ -162,7 +175,7 @@ class _RequestRecorder:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        raw_path = _raw_path(scope)
         query: bytes = scope.get("query_string", b"")
         match = match_raw_path(raw_path)
         source = match.source.name if match else None

@@ -22,8 +22,10 @@ _NON_NEGATIVE = click.FloatRange(min=0.0)
 @click.option("--seed", default=7, show_default=True, type=int, help="Seed of the graph and of every knob.")
 @click.option("--scale", default=1.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
               help="1.0 is about 15,000 entities; counts scale linearly.")
-@click.option("--latency-ms", default=0.0, show_default=True, type=_NON_NEGATIVE, help="Added to every answer.")
-@click.option("--jitter-ms", default=0.0, show_default=True, type=_NON_NEGATIVE, help="Uniform extra latency.")
+@click.option("--latency-ms", default=0.0, show_default=True, type=_NON_NEGATIVE,
+              help="Added to every answer.")
+@click.option("--jitter-ms", default=0.0, show_default=True, type=_NON_NEGATIVE,
+              help="Uniform extra latency on top of --latency-ms.")
 @click.option("--error-rate", default=0.0, show_default=True, type=_RATE, help="Fraction answered 500/503.")
 @click.option("--malformed-rate", default=0.0, show_default=True, type=_RATE,
               help="Fraction answered 200 with a body that is not the expected JSON.")

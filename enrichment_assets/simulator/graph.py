@@ -32,7 +32,9 @@ ID_FORMATS: Mapping[str, str] = {
 }
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
-_TOPICS = ("artwork", "search", "ranking", "churn", "encoding", "billing", "playback", "ads", "title", "member")
+_TOPICS = (
+    "artwork", "search", "ranking", "churn", "encoding", "billing", "playback", "ads", "title", "member",
+)
 _KINDS = ("ranker", "classifier", "embedder", "forecaster", "scorer", "recommender")
 _FIRST = ("Ada", "Bo", "Chen", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivo", "Jun", "Kira", "Lars")
 _LAST = ("Okafor", "Silva", "Novak", "Tanaka", "Haddad", "Berg", "Moreau", "Ivanova", "Reyes", "Kim")
@@ -101,7 +103,9 @@ def field_values(entity: Mapping[str, Any], field_path: str) -> list[str]:
     for part in field_path.split("."):
         name, fan_out = (part[:-3], True) if part.endswith("[*]") else (part, False)
         stepped = [node.get(name) for node in nodes if isinstance(node, Mapping)]
-        nodes = [item for value in stepped if isinstance(value, list) for item in value] if fan_out else stepped
+        if fan_out:
+            stepped = [item for value in stepped if isinstance(value, list) for item in value]
+        nodes = stepped
     return [node for node in nodes if isinstance(node, str)]
 
 
@@ -124,7 +128,8 @@ def generate_graph(seed: int, scale: float = 1.0) -> MdsGraph:
         name = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
         out["user"][user_id] = {"id": user_id, "name": name, "team_id": rng.choice(ids["team"])}
     for dataset_id in ids["dataset"]:
-        name = f"{rng.choice(_TOPICS)}_{rng.choice(('events', 'labels', 'snapshots', 'logs'))}_{dataset_id[3:]}"
+        kind = rng.choice(("events", "labels", "snapshots", "logs"))
+        name = f"{rng.choice(_TOPICS)}_{kind}_{dataset_id[3:]}"
         out["dataset"][dataset_id] = {
             "id": dataset_id, "name": name, "format": rng.choice(("parquet", "iceberg", "avro", "csv"))}
     for feature_id in ids["feature"]:
@@ -142,7 +147,8 @@ def generate_graph(seed: int, scale: float = 1.0) -> MdsGraph:
             "framework": rng.choice(("pytorch", "tensorflow", "xgboost", "lightgbm", "sklearn")),
             "owner_id": rng.choice(ids["user"]), "created_at": _stamp(rng.uniform(0, 30 * 86400))}
     for run_id in ids["pipeline_run"]:
-        tests = rng.sample(ids["ab_test"], min(len(ids["ab_test"]), rng.choices((0, 1, 2, 3), (35, 35, 20, 10))[0]))
+        in_tests = rng.choices((0, 1, 2, 3), (35, 35, 20, 10))[0]  # a third of the runs are in no test
+        tests = rng.sample(ids["ab_test"], min(len(ids["ab_test"]), in_tests))
         out["pipeline_run"][run_id] = {
             "id": run_id, "name": f"train-{rng.choice(_TOPICS)}-{run_id[4:]}",
             "status": rng.choices(("succeeded", "failed", "running"), (8, 1, 1))[0],

@@ -156,10 +156,11 @@ class Knobs:
         sources: dict[str, Any] = {}
         for name, knobs in self._sources.items():
             values = asdict(knobs)
-            until = values.pop("outage_until")
+            del values["outage_until"]
             remaining = self.outage_remaining(name)
             values["outage"] = remaining is not None
-            values["outage_seconds_remaining"] = None if until in (None, math.inf) or remaining is None else remaining
+            open_ended = remaining is None or math.isinf(remaining)
+            values["outage_seconds_remaining"] = None if open_ended else remaining
             sources[name] = values
         pending = sum(1 for at in self._late.values() if at > now)
         return {"sources": sources, "late_entities_pending": pending}

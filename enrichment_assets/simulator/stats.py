@@ -31,7 +31,7 @@ class RequestRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "at": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "at": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="milliseconds")[:-6] + "Z",
             "source": self.source, "method": self.method, "path": self.path, "status": self.status,
             "duration_ms": round(self.duration_ms, 3),
         }
@@ -65,7 +65,9 @@ class SourceCounters:
 class Stats:
     """Request log (a ring buffer of ``log_size`` records) and per-source counters."""
 
-    def __init__(self, *, log_size: int = DEFAULT_LOG_SIZE, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, log_size: int = DEFAULT_LOG_SIZE, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
         self._monotonic = monotonic
         self._log: deque[RequestRecord] = deque(maxlen=log_size)
         self._sources = {name: SourceCounters() for name in SOURCES}
