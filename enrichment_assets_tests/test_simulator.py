@@ -175,7 +175,7 @@ def test_single_and_batch_get_for_every_entity_type(
 
 
 def test_bad_routes(client: httpx.Client) -> None:
-    assert client.get("/datasets/datasets", params={"ids": "ds-0001"}).status_code == 404  # no batch path
+    assert client.get("/datasets/nope", params={"ids": "ds-0001"}).status_code == 404  # no such batch path
     assert client.get("/model-registry/models").status_code == 400  # batch without ids
     assert client.get("/model-registry/nothing-here/x").json() == {"error": "no such route"}
     assert client.get("/unknown-source/models/x").status_code == 404

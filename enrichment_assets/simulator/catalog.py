@@ -40,7 +40,7 @@ SOURCES: Mapping[str, SourceSpec] = {
         SourceSpec("pipeline_orchestration", "/pipeline-orchestration", "MDS_PIPELINE_ORCHESTRATION_URL", 50),
         SourceSpec("experimentation_platform", "/experimentation", "MDS_EXPERIMENTATION_URL", 50),
         SourceSpec("feature_store", "/feature-store", "MDS_FEATURE_STORE_URL", 100),
-        SourceSpec("datasets", "/datasets", "MDS_DATASETS_URL", None),
+        SourceSpec("datasets", "/datasets", "MDS_DATASETS_URL", 100),
         SourceSpec("identity", "/identity", "MDS_IDENTITY_URL", 100),
     )
 }
@@ -53,7 +53,7 @@ ENTITY_TYPES: Mapping[str, TypeSpec] = {
         TypeSpec("pipeline_run", "pipeline_orchestration", "/runs/{id}", "/runs"),
         TypeSpec("ab_test", "experimentation_platform", "/tests/{id}", "/tests"),
         TypeSpec("feature", "feature_store", "/features/{id}", "/features"),
-        TypeSpec("dataset", "datasets", "/datasets/{id}", None),
+        TypeSpec("dataset", "datasets", "/datasets/{id}", "/datasets"),
         TypeSpec("user", "identity", "/users/{id}", "/users"),
         TypeSpec("team", "identity", "/teams/{id}", "/teams"),
     )
