@@ -227,7 +227,10 @@ class SourceClient:
                     return response, body
             if attempt < self.source.max_retries:
                 await asyncio.sleep(self._backoff(attempt))
-        raise _Failure(f"{self.name}: gave up after {self.source.max_retries + 1} attempts: {last}")
+        # If the breaker is open the source is failing as a whole: defer rather than spend the
+        # entity's attempts. If it is closed, others succeed and this request alone keeps failing.
+        raise _Failure(f"{self.name}: gave up after {self.source.max_retries + 1} attempts: {last}",
+                       unavailable=self.breaker.is_open)
 
     async def _send(self, url: httpx.URL) -> tuple[httpx.Response, bytes]:
         async with self._client.stream("GET", url) as response:

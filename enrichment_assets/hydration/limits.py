@@ -16,8 +16,9 @@ class RateLimiter:
     second, which a source that enforces its limit over a sliding window answers with 429s.
     """
 
-    # Leaves room for the time between a request starting here and arriving at the source.
-    MARGIN = 1.02
+    # Leaves room for the jitter between a request being admitted here and arriving at the source
+    # (event-loop and scheduling delays bunch arrivals): measured up to ~8% on a busy 2-core machine.
+    MARGIN = 1.12
 
     def __init__(self, per_second: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         if per_second <= 0:
