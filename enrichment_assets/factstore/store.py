@@ -14,15 +14,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 
-from enrichment_assets.events import Event, EventType
-from enrichment_assets.factstore import graph, migrations
+from enrichment_assets.events import Event
+from enrichment_assets.factstore import graph, ingest, migrations, queue
 from enrichment_assets.factstore.engine import create_engine
 from enrichment_assets.factstore.models import (
     Claim,
     DerivedEdge,
-    EdgeChange,
     DueWork,
     EntityKey,
     EntityRecord,
@@ -34,7 +33,6 @@ from enrichment_assets.factstore.models import (
     TypeStatus,
 )
 from enrichment_assets.factstore.schema import CLAIMABLE_STATES, PENDING_STATES, EntityState, edges, entities
-from enrichment_assets.factstore.types import JSONDocument, UTCDateTime
 
 Granularity = Literal["hour", "day"]
 _WINDOW_LENGTH: dict[str, timedelta] = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
@@ -101,7 +99,7 @@ class FactStore:
         older than the last one applied to that entity is ignored.
         """
         events = list(batch)
-        latest = _latest_per_entity(events)
+        latest = ingest.latest_per_entity(events)
         if not latest:
             return IngestResult(received=0, entities=0, by_event_type={})
         now = self._clock()
@@ -109,16 +107,16 @@ class FactStore:
             if self.dialect == "postgresql":
                 # One statement for the whole batch, its columns sent as arrays: psycopg2 would run
                 # an executemany upsert row by row (SQLAlchemy does not page ON CONFLICT inserts).
-                conn.execute(self._upsert_statement(self._unnest_insert()), {
+                conn.execute(ingest.upsert_statement(ingest.unnest_insert()), {
                     "types": [e.entity_type for e in latest.values()],
                     "ids": [e.entity_id for e in latest.values()],
-                    "states": [_state_for(e.event_type) for e in latest.values()],
+                    "states": [ingest.state_for(e.event_type) for e in latest.values()],
                     "event_times": [e.occurred_at for e in latest.values()],
                     "now": now,
                 })
             else:
-                conn.execute(self._upsert_statement(sqlite.insert(entities)), [
-                    {"entity_type": e.entity_type, "entity_id": e.entity_id, "state": _state_for(e.event_type),
+                conn.execute(ingest.upsert_statement(sqlite.insert(entities)), [
+                    {"entity_type": e.entity_type, "entity_id": e.entity_id, "state": ingest.state_for(e.event_type),
                      "version": 1, "first_seen_at": now, "updated_at": now, "last_event_at": e.occurred_at,
                      "attempts": 0, "next_attempt_at": now}
                     for e in latest.values()
@@ -127,55 +125,6 @@ class FactStore:
             received=len(events),
             entities=len(latest),
             by_event_type=dict(Counter(e.event_type.value for e in events)),
-        )
-
-    @staticmethod
-    def _unnest_insert() -> postgresql.Insert:
-        def array(name: str, item: sa.types.TypeEngine[Any]) -> sa.ColumnElement[Any]:
-            return sa.cast(sa.bindparam(name), postgresql.ARRAY(item))
-
-        batch = (
-            sa.func.unnest(array("types", sa.Text()), array("ids", sa.Text()), array("states", sa.Text()),
-                           array("event_times", sa.DateTime(timezone=True)))
-            .table_valued("entity_type", "entity_id", "state", "last_event_at")
-            .render_derived(name="batch")
-        )
-        now = sa.bindparam("now", type_=UTCDateTime)
-        # Every new entity is due now; a tombstone too, so enrichment retracts its edges.
-        rows = sa.select(batch.c.entity_type, batch.c.entity_id, batch.c.state, sa.literal(1), now, now,
-                         batch.c.last_event_at, sa.literal(0), now)
-        return postgresql.insert(entities).from_select(
-            ["entity_type", "entity_id", "state", "version", "first_seen_at", "updated_at", "last_event_at",
-             "attempts", "next_attempt_at"],
-            rows,
-        )
-
-    @staticmethod
-    def _upsert_statement(stmt: Any) -> sa.Insert:
-        new = stmt.excluded
-        changed = sa.or_(entities.c.state != new.state, entities.c.claim_owner.is_not(None))
-
-        def if_changed(value: sa.ColumnElement[Any], column: sa.Column[Any]) -> sa.ColumnElement[Any]:
-            return sa.case((changed, value), else_=column)
-
-        return stmt.on_conflict_do_update(
-            index_elements=[entities.c.entity_type, entities.c.entity_id],
-            set_={
-                "state": new.state,
-                "version": entities.c.version + sa.case((changed, 1), else_=0),
-                # Always: any event says the source changed, so earlier hydrations are stale.
-                "updated_at": new.updated_at,
-                "attempts": if_changed(sa.literal(0), entities.c.attempts),
-                "next_attempt_at": if_changed(new.next_attempt_at, entities.c.next_attempt_at),
-                "last_error": if_changed(sa.null(), entities.c.last_error),
-                "waiting_on": if_changed(sa.null(), entities.c.waiting_on),
-                "last_event_at": sa.func.coalesce(new.last_event_at, entities.c.last_event_at),
-            },
-            where=sa.or_(
-                new.last_event_at.is_(None),
-                entities.c.last_event_at.is_(None),
-                new.last_event_at >= entities.c.last_event_at,
-            ),
         )
 
     # -- the claim-and-process queue ----------------------------------------------------------------
@@ -208,7 +157,7 @@ class FactStore:
             scope += [entities.c.first_seen_at >= window[0], entities.c.first_seen_at < window[1]]
         free = sa.or_(entities.c.claim_owner.is_(None), entities.c.claim_expires_at <= now)
         with self.engine.begin() as conn:
-            claims = self._lease(
+            claims = queue.lease(
                 conn,
                 entity_type,
                 [*scope, entities.c.state.in_(CLAIMABLE_STATES), entities.c.next_attempt_at <= now, free],
@@ -218,7 +167,7 @@ class FactStore:
                 expires=now + lease,
             )
             if refresh_before is not None and len(claims) < limit:
-                claims += self._lease(
+                claims += queue.lease(
                     conn,
                     entity_type,
                     [
@@ -234,42 +183,6 @@ class FactStore:
                     expires=now + lease,
                 )
         return claims
-
-    def _lease(
-        self,
-        conn: sa.Connection,
-        entity_type: str,
-        where: list[sa.ColumnElement[bool]],
-        *,
-        order_by: sa.ColumnElement[Any],
-        limit: int,
-        owner: str,
-        expires: datetime,
-    ) -> list[Claim]:
-        # PostgreSQL: SKIP LOCKED lets concurrent claimers pass over each other's rows instead of
-        # queueing on them. SQLite: the whole transaction holds the single write lock (BEGIN IMMEDIATE).
-        pick = sa.select(entities.c.entity_id).where(*where).order_by(order_by).limit(limit)
-        pick = pick.with_for_update(skip_locked=True)
-        if self.dialect == "postgresql":
-            # = ANY(ARRAY(subquery)) makes the planner look rows up by primary key at every table
-            # size; IN (subquery) turned into a hash join over the whole table below ~300k rows.
-            chosen = entities.c.entity_id == sa.any_(sa.func.array(pick.scalar_subquery()))
-        else:
-            chosen = entities.c.entity_id.in_(pick)
-        stmt = (
-            sa.update(entities)
-            .where(entities.c.entity_type == entity_type, chosen)
-            .values(claim_owner=owner, claim_expires_at=expires, attempts=entities.c.attempts + 1)
-            .returning(
-                entities.c.entity_type,
-                entities.c.entity_id,
-                entities.c.version,
-                entities.c.state,
-                entities.c.attempts,
-                entities.c.first_seen_at,
-            )
-        )
-        return [Claim(*row) for row in conn.execute(stmt)]
 
     def finish(self, owner: str, outcomes: Sequence[Outcome], retry: RetryPolicy) -> FinishResult:
         """Record the outcomes of claimed entities, their derived edges and what partial ones wait on,
@@ -289,14 +202,14 @@ class FactStore:
         tombstones: list[EntityKey] = []
         changed_attributes: list[EntityKey] = []
         with self.engine.begin() as conn:
-            held = self._held(conn, owner, [o.key for o in outcomes])
+            held = queue.held(conn, owner, [o.key for o in outcomes])
             before = graph.stored_attributes(conn, [o.key for o in outcomes if o.attributes is not None])
             rows = []
             for outcome in outcomes:
                 if outcome.key not in held:
                     continue
                 version, attempts, state = held[outcome.key]
-                row = self._outcome_row(outcome, attempts, state, retry, now)
+                row = queue.outcome_row(outcome, attempts, state, retry, now, self._rng)
                 rows.append(row)
                 if before.get(outcome.key) not in (None, outcome.attributes):
                     changed_attributes.append(outcome.key)
@@ -310,7 +223,7 @@ class FactStore:
                 elif outcome.status == "deleted":
                     tombstones.append(outcome.key)
             if rows:
-                conn.execute(self._finish_statement(), rows)
+                conn.execute(queue.finish_statement(), rows)
             changes, confirmed = graph.apply_edges(conn, walks, now)
             changes += graph.retract_touching(conn, tombstones, now)
             graph.replace_waits(conn, waiting, now)
@@ -326,94 +239,6 @@ class FactStore:
             edge_changes=tuple(changes),
             edges_confirmed=confirmed,
             attributes_changed=tuple(changed_attributes),
-        )
-
-    def _held(self, conn: sa.Connection, owner: str, keys: list[EntityKey]) -> dict[EntityKey, tuple[int, int, str]]:
-        """Lock and return (version, attempts, state) of the keys still leased to ``owner``."""
-        held: dict[EntityKey, tuple[int, int, str]] = {}
-        for chunk in _chunks(keys, _KEY_CHUNK):
-            stmt = (
-                sa.select(
-                    entities.c.entity_type, entities.c.entity_id,
-                    entities.c.version, entities.c.attempts, entities.c.state,
-                )
-                .where(
-                    sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk),
-                    entities.c.claim_owner == owner,
-                )
-                .with_for_update()
-            )
-            for etype, eid, version, attempts, state in conn.execute(stmt):
-                held[(etype, eid)] = (version, attempts, state)
-        return held
-
-    def _outcome_row(
-        self, outcome: Outcome, attempts: int, state: str, retry: RetryPolicy, now: datetime
-    ) -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "k_type": outcome.entity_type,
-            "k_id": outcome.entity_id,
-            "claimed_version": outcome.version,
-            "attributes": outcome.attributes,
-            "hydrated_at": now if outcome.attributes is not None else None,
-            "last_enriched_at": None,
-            "last_error": None,
-            "waiting_on": None,
-            "now": now,
-            "new_state": state,
-            "attempts": attempts,
-        }
-        if outcome.status == "enriched":
-            row.update(new_state=EntityState.FULLY_ENRICHED.value, attempts=0, next_attempt_at=None,
-                       last_enriched_at=now)
-        elif outcome.status == "partial":
-            row.update(new_state=EntityState.PARTIALLY_RESOLVED.value,
-                       next_attempt_at=now + retry.delay(attempts, self._rng),
-                       waiting_on=[list(key) for key in sorted(set(outcome.waiting_on))] or None)
-        elif outcome.status == "deleted":
-            row.update(next_attempt_at=None, attempts=0)
-        elif outcome.status == "deferred":
-            # The source was down, not the entity: the attempt is given back.
-            row.update(attempts=max(attempts - 1, 0), next_attempt_at=outcome.retry_at or now,
-                       last_error=outcome.error)
-        elif attempts >= retry.max_attempts:
-            row.update(new_state=EntityState.QUARANTINED.value, next_attempt_at=None,
-                       last_error=outcome.error or "failed")
-        else:
-            row.update(next_attempt_at=now + retry.delay(attempts, self._rng), last_error=outcome.error or "failed")
-        return row
-
-    def _finish_statement(self) -> sa.Update:
-        current = entities.c.version == sa.bindparam("claimed_version")
-
-        def if_current(value: sa.ColumnElement[Any], column: sa.Column[Any]) -> sa.ColumnElement[Any]:
-            return sa.case((current, value), else_=column)
-
-        return (
-            sa.update(entities)
-            .where(
-                entities.c.entity_type == sa.bindparam("k_type"),
-                entities.c.entity_id == sa.bindparam("k_id"),
-            )
-            .values(
-                state=if_current(sa.bindparam("new_state"), entities.c.state),
-                attempts=if_current(sa.bindparam("attempts"), entities.c.attempts),
-                next_attempt_at=if_current(
-                    sa.bindparam("next_attempt_at", type_=UTCDateTime), entities.c.next_attempt_at
-                ),
-                last_enriched_at=if_current(
-                    sa.func.coalesce(sa.bindparam("last_enriched_at", type_=UTCDateTime), entities.c.last_enriched_at),
-                    entities.c.last_enriched_at,
-                ),
-                last_error=if_current(sa.bindparam("last_error", type_=sa.Text), entities.c.last_error),
-                waiting_on=if_current(sa.bindparam("waiting_on", type_=JSONDocument), entities.c.waiting_on),
-                attributes=sa.func.coalesce(sa.bindparam("attributes", type_=JSONDocument), entities.c.attributes),
-                hydrated_at=sa.func.coalesce(sa.bindparam("hydrated_at", type_=UTCDateTime), entities.c.hydrated_at),
-                version=entities.c.version + 1,
-                updated_at=sa.bindparam("now", type_=UTCDateTime),
-                claim_owner=None,
-                claim_expires_at=None,
-            )
         )
 
     def release(self, owner: str, keys: Iterable[EntityKey]) -> int:
@@ -605,21 +430,6 @@ class FactStore:
 
     def now(self) -> datetime:
         return self._clock()
-
-
-def _state_for(event_type: EventType) -> str:
-    return EntityState.DELETED.value if event_type is EventType.DELETED else EntityState.UNCACHED.value
-
-
-def _latest_per_entity(events: Sequence[Event]) -> dict[EntityKey, Event]:
-    """The event that wins per entity: the last in batch order, unless it is older by ``occurred_at``."""
-    latest: dict[EntityKey, Event] = {}
-    for event in events:
-        key = (event.entity_type, event.entity_id)
-        seen = latest.get(key)
-        if seen is None or seen.occurred_at is None or event.occurred_at is None or event.occurred_at >= seen.occurred_at:
-            latest[key] = event
-    return latest
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

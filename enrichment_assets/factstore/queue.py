@@ -1,0 +1,143 @@
+"""Statements of the claim-and-process queue: leasing, checking ownership, recording outcomes."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from enrichment_assets.factstore.models import Claim, EntityKey, Outcome, RetryPolicy
+from enrichment_assets.factstore.schema import EntityState, entities
+from enrichment_assets.factstore.types import JSONDocument, UTCDateTime
+
+_KEY_CHUNK = 500
+
+
+def lease(
+    conn: sa.Connection,
+    entity_type: str,
+    where: list[sa.ColumnElement[bool]],
+    *,
+    order_by: sa.ColumnElement[Any],
+    limit: int,
+    owner: str,
+    expires: datetime,
+) -> list[Claim]:
+    # PostgreSQL: SKIP LOCKED lets concurrent claimers pass over each other's rows instead of
+    # queueing on them. SQLite: the whole transaction holds the single write lock (BEGIN IMMEDIATE).
+    pick = sa.select(entities.c.entity_id).where(*where).order_by(order_by).limit(limit)
+    pick = pick.with_for_update(skip_locked=True)
+    if conn.dialect.name == "postgresql":
+        # = ANY(ARRAY(subquery)) makes the planner look rows up by primary key at every table
+        # size; IN (subquery) turned into a hash join over the whole table below ~300k rows.
+        chosen = entities.c.entity_id == sa.any_(sa.func.array(pick.scalar_subquery()))
+    else:
+        chosen = entities.c.entity_id.in_(pick)
+    stmt = (
+        sa.update(entities)
+        .where(entities.c.entity_type == entity_type, chosen)
+        .values(claim_owner=owner, claim_expires_at=expires, attempts=entities.c.attempts + 1)
+        .returning(
+            entities.c.entity_type,
+            entities.c.entity_id,
+            entities.c.version,
+            entities.c.state,
+            entities.c.attempts,
+            entities.c.first_seen_at,
+        )
+    )
+    return [Claim(*row) for row in conn.execute(stmt)]
+
+
+def held(conn: sa.Connection, owner: str, keys: Sequence[EntityKey]) -> dict[EntityKey, tuple[int, int, str]]:
+    """Lock and return (version, attempts, state) of the keys still leased to ``owner``."""
+    held: dict[EntityKey, tuple[int, int, str]] = {}
+    for start in range(0, len(keys), _KEY_CHUNK):
+        chunk = keys[start : start + _KEY_CHUNK]
+        stmt = (
+            sa.select(
+                entities.c.entity_type, entities.c.entity_id,
+                entities.c.version, entities.c.attempts, entities.c.state,
+            )
+            .where(
+                sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk),
+                entities.c.claim_owner == owner,
+            )
+            .with_for_update()
+        )
+        for etype, eid, version, attempts, state in conn.execute(stmt):
+            held[(etype, eid)] = (version, attempts, state)
+    return held
+
+def outcome_row(
+    outcome: Outcome, attempts: int, state: str, retry: RetryPolicy, now: datetime, rng: random.Random
+) -> dict[str, Any]:
+    """The bind parameters of ``finish_statement`` for one outcome."""
+    row: dict[str, Any] = {
+        "k_type": outcome.entity_type,
+        "k_id": outcome.entity_id,
+        "claimed_version": outcome.version,
+        "attributes": outcome.attributes,
+        "hydrated_at": now if outcome.attributes is not None else None,
+        "last_enriched_at": None,
+        "last_error": None,
+        "waiting_on": None,
+        "now": now,
+        "new_state": state,
+        "attempts": attempts,
+    }
+    if outcome.status == "enriched":
+        row.update(new_state=EntityState.FULLY_ENRICHED.value, attempts=0, next_attempt_at=None,
+                   last_enriched_at=now)
+    elif outcome.status == "partial":
+        row.update(new_state=EntityState.PARTIALLY_RESOLVED.value,
+                   next_attempt_at=now + retry.delay(attempts, rng),
+                   waiting_on=[list(key) for key in sorted(set(outcome.waiting_on))] or None)
+    elif outcome.status == "deleted":
+        row.update(next_attempt_at=None, attempts=0)
+    elif outcome.status == "deferred":
+        # The source was down, not the entity: the attempt is given back.
+        row.update(attempts=max(attempts - 1, 0), next_attempt_at=outcome.retry_at or now,
+                   last_error=outcome.error)
+    elif attempts >= retry.max_attempts:
+        row.update(new_state=EntityState.QUARANTINED.value, next_attempt_at=None,
+                   last_error=outcome.error or "failed")
+    else:
+        row.update(next_attempt_at=now + retry.delay(attempts, rng), last_error=outcome.error or "failed")
+    return row
+
+def finish_statement() -> sa.Update:
+    current = entities.c.version == sa.bindparam("claimed_version")
+
+    def if_current(value: sa.ColumnElement[Any], column: sa.Column[Any]) -> sa.ColumnElement[Any]:
+        return sa.case((current, value), else_=column)
+
+    return (
+        sa.update(entities)
+        .where(
+            entities.c.entity_type == sa.bindparam("k_type"),
+            entities.c.entity_id == sa.bindparam("k_id"),
+        )
+        .values(
+            state=if_current(sa.bindparam("new_state"), entities.c.state),
+            attempts=if_current(sa.bindparam("attempts"), entities.c.attempts),
+            next_attempt_at=if_current(
+                sa.bindparam("next_attempt_at", type_=UTCDateTime), entities.c.next_attempt_at
+            ),
+            last_enriched_at=if_current(
+                sa.func.coalesce(sa.bindparam("last_enriched_at", type_=UTCDateTime), entities.c.last_enriched_at),
+                entities.c.last_enriched_at,
+            ),
+            last_error=if_current(sa.bindparam("last_error", type_=sa.Text), entities.c.last_error),
+            waiting_on=if_current(sa.bindparam("waiting_on", type_=JSONDocument), entities.c.waiting_on),
+            attributes=sa.func.coalesce(sa.bindparam("attributes", type_=JSONDocument), entities.c.attributes),
+            hydrated_at=sa.func.coalesce(sa.bindparam("hydrated_at", type_=UTCDateTime), entities.c.hydrated_at),
+            version=entities.c.version + 1,
+            updated_at=sa.bindparam("now", type_=UTCDateTime),
+            claim_owner=None,
+            claim_expires_at=None,
+        )
+    )
