@@ -150,7 +150,10 @@ def enrich_once_command(entity_types: tuple[str, ...], batch_size: int) -> None:
 
 @main.command()
 def demo() -> None:
-    """Run the quick-start demo against the configured (default: embedded SQLite) fact store."""
+    """Run the quick start: the simulated MDS sources, ingestion over HTTP, enrichment, the graph.
+
+    Uses ENRICHMENT_DATABASE_URL (default: the embedded SQLite file) and the shipped MDS policy.
+    """
     from enrichment_assets.demo import run_demo
 
     run_demo(_settings())

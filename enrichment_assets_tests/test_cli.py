@@ -75,9 +75,12 @@ def test_bad_configuration_is_a_clear_error(env: str, monkeypatch: pytest.Monkey
     assert "cannot read policy file" in result.output
 
 
-def test_demo_ingests_over_http_and_shows_the_store(env: str) -> None:
+def test_demo_ingests_enriches_and_shows_the_graph(env: str) -> None:
     result = CliRunner().invoke(main, ["demo"])
     assert result.exit_code == 0, result.output
     assert "-> 422" in result.output and "-> 202" in result.output
-    [thing, other] = [s for s in FactStore.from_url(env).status() if s.entity_type in {"thing", "other"}]
-    assert other.counts == {"uncached": 247, "deleted": 3}
+    store = FactStore.from_url(env)
+    report = store.status()
+    assert len(report) == 8 and all(set(s.counts) == {"fully_enriched"} for s in report), report
+    assert sum(store.edge_counts().values()) > 1000
+    assert "derived through" not in result.output and "via " in result.output

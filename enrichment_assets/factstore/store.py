@@ -337,6 +337,36 @@ class FactStore:
                 sa.select(edges).where(*where).order_by(edges.c.relation, edges.c.dst_type, edges.c.dst_id)
             ).mappings()]
 
+    def edge_counts(self) -> dict[tuple[str, str, str], int]:
+        """Live derived edges per (source type, relation, target type)."""
+        with self.engine.connect() as conn:
+            return {
+                (src, relation, dst): count
+                for src, relation, dst, count in conn.execute(
+                    sa.select(edges.c.src_type, edges.c.relation, edges.c.dst_type, sa.func.count())
+                    .where(edges.c.retracted_at.is_(None))
+                    .group_by(edges.c.src_type, edges.c.relation, edges.c.dst_type)
+                )
+            }
+
+    def edge_sources(self, entity_type: str, relation: str, *, limit: int = 1) -> list[str]:
+        """Ids of entities of ``entity_type`` with a live ``relation`` edge (examples for people)."""
+        with self.engine.connect() as conn:
+            return list(conn.scalars(
+                sa.select(edges.c.src_id).distinct()
+                .where(edges.c.src_type == entity_type, edges.c.relation == relation, edges.c.retracted_at.is_(None))
+                .order_by(edges.c.src_id).limit(limit)
+            ))
+
+    def enrichment_lags(self) -> list[float]:
+        """Seconds from first seen to last enriched, for every enriched entity, ascending."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(entities.c.first_seen_at, entities.c.last_enriched_at)
+                .where(entities.c.state == EntityState.FULLY_ENRICHED.value)
+            )
+            return sorted((enriched - seen).total_seconds() for seen, enriched in rows)
+
     # -- discovery and reads ------------------------------------------------------------------------
 
     def due_work(
