@@ -243,36 +243,26 @@ class FactStore:
 
     def release(self, owner: str, keys: Iterable[EntityKey]) -> int:
         """Give claims back untried (the attempt is not counted). Returns how many were still held."""
-        released = 0
-        with self.engine.begin() as conn:
-            for chunk in _chunks(list(keys), _KEY_CHUNK):
-                result = conn.execute(
-                    sa.update(entities)
-                    .where(
-                        sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk),
-                        entities.c.claim_owner == owner,
-                    )
-                    .values(claim_owner=None, claim_expires_at=None, attempts=entities.c.attempts - 1)
-                )
-                released += result.rowcount
-        return released
+        return self._update_held(owner, keys, claim_owner=None, claim_expires_at=None,
+                                 attempts=entities.c.attempts - 1)
 
     def renew(self, owner: str, keys: Iterable[EntityKey], lease: timedelta) -> int:
         """Extend the lease on claims still held by ``owner``; returns how many were still held."""
-        expires = self._clock() + lease
-        renewed = 0
+        return self._update_held(owner, keys, claim_expires_at=self._clock() + lease)
+
+    def _update_held(self, owner: str, keys: Iterable[EntityKey], **values: Any) -> int:
+        updated = 0
         with self.engine.begin() as conn:
             for chunk in _chunks(list(keys), _KEY_CHUNK):
-                result = conn.execute(
+                updated += conn.execute(
                     sa.update(entities)
                     .where(
                         sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk),
                         entities.c.claim_owner == owner,
                     )
-                    .values(claim_expires_at=expires)
-                )
-                renewed += result.rowcount
-        return renewed
+                    .values(**values)
+                ).rowcount
+        return updated
 
     # -- what walks read and write ------------------------------------------------------------------
 
