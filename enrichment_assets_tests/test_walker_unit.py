@@ -167,3 +167,14 @@ def test_a_changed_path_end_propagates_nothing(store: FactStore) -> None:
     report = cycle(store, sources)
     assert report["c"].propagated == 0
     assert store.get_entity("a", "a1").state == "fully_enriched"
+
+
+def test_a_tombstone_retracts_the_edges_that_reach_it(store: FactStore) -> None:
+    sources = graph()
+    cycle(store, sources)
+    store.ingest_events([Event(entity_type="c", entity_id="c1", event_type="deleted")])
+    report = cycle(store, sources)
+    assert report["c"].result.deleted == 1
+    assert {(c.src_id, c.relation) for c in report["c"].result.edge_changes} == {("a1", "reaches"), ("a2", "reaches")}
+    assert edges(store, "a1") == {("reaches", "c2"), ("direct", "c9")}
+    assert store.get_entity("c", "c1").state == "deleted" and not store.due_work()
