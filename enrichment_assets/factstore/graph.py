@@ -46,7 +46,12 @@ def record_hydrations(
     conn.execute(
         stmt.on_conflict_do_update(
             index_elements=[entities.c.entity_type, entities.c.entity_id],
-            set_={"attributes": stmt.excluded.attributes, "hydrated_at": now, "updated_at": now},
+            set_={
+                "attributes": stmt.excluded.attributes, "hydrated_at": now, "updated_at": now,
+                # The document shows the attributes; the claim version stays put (see above).
+                "doc_version": sa.case((entities.c.attributes == stmt.excluded.attributes, entities.c.doc_version),
+                                       else_=entities.c.doc_version + 1),
+            },
         ),
         [
             {"entity_type": t, "entity_id": i, "attributes": attrs, "state": EntityState.UNCACHED.value,
@@ -94,7 +99,8 @@ def mark_dirty(conn: sa.Connection, keys: Sequence[EntityKey], now: datetime) ->
                 sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk),
                 entities.c.state.in_((EntityState.FULLY_ENRICHED.value, EntityState.PARTIALLY_RESOLVED.value)),
             )
-            .values(state=EntityState.UNCACHED.value, next_attempt_at=now, attempts=0, version=entities.c.version + 1)
+            .values(state=EntityState.UNCACHED.value, next_attempt_at=now, attempts=0,
+                    version=entities.c.version + 1, doc_version=entities.c.doc_version + 1)
         ).rowcount
     return marked
 
@@ -252,3 +258,13 @@ def wake_waiters(conn: sa.Connection, now: datetime) -> int:
         .values(next_attempt_at=now)
     )
     return result.rowcount
+
+
+def touch_documents(conn: sa.Connection, keys: Sequence[EntityKey]) -> None:
+    """Move the document version of entities whose search document changed through an edge."""
+    for chunk in _chunks(sorted(set(keys))):
+        conn.execute(
+            sa.update(entities)
+            .where(sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk))
+            .values(doc_version=entities.c.doc_version + 1)
+        )

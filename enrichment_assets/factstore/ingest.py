@@ -46,6 +46,7 @@ def upsert_statement(stmt: Any) -> sa.Insert:
         set_={
             "state": new.state,
             "version": entities.c.version + sa.case((changed, 1), else_=0),
+            "doc_version": entities.c.doc_version + sa.case((changed, 1), else_=0),
             # Always: any event says the source changed, so earlier hydrations are stale.
             "updated_at": new.updated_at,
             "attempts": if_changed(sa.literal(0), entities.c.attempts),

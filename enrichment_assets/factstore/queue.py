@@ -136,6 +136,7 @@ def finish_statement() -> sa.Update:
             attributes=sa.func.coalesce(sa.bindparam("attributes", type_=JSONDocument), entities.c.attributes),
             hydrated_at=sa.func.coalesce(sa.bindparam("hydrated_at", type_=UTCDateTime), entities.c.hydrated_at),
             version=entities.c.version + 1,
+            doc_version=entities.c.doc_version + 1,
             updated_at=sa.bindparam("now", type_=UTCDateTime),
             claim_owner=None,
             claim_expires_at=None,

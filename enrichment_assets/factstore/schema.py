@@ -61,6 +61,10 @@ entities = sa.Table(
     sa.Column("waiting_on", JSONDocument, nullable=True),
     sa.Column("claim_owner", sa.String(128), nullable=True),
     sa.Column("claim_expires_at", UTCDateTime, nullable=True),
+    # The search document's version (external version in Elasticsearch): moves with the entity's own
+    # changes and with edges at either end. The indexer writes entities whose indexed_version is behind.
+    sa.Column("doc_version", sa.BigInteger, nullable=False, server_default="1"),
+    sa.Column("indexed_version", sa.BigInteger, nullable=False, server_default="0"),
     sa.CheckConstraint(sa.column("state").in_(STATE_VALUES), name="state"),
     # Claims scan rows with scheduled work (next_attempt_at set) by due time; discovery groups the
     # same rows by window. Partial indexes keep both proportional to that set, not to the table.
@@ -76,6 +80,11 @@ entities = sa.Table(
         sqlite_where=sa.column("state") == EntityState.FULLY_ENRICHED.value,
     ),
     sa.Index("ix_entities_type_first_seen", "entity_type", "first_seen_at"),
+    sa.Index(
+        "ix_entities_index_due", "entity_type",
+        postgresql_where=sa.column("indexed_version") < sa.column("doc_version"),
+        sqlite_where=sa.column("indexed_version") < sa.column("doc_version"),
+    ),
     postgresql_with={"fillfactor": 80},
 )
 

@@ -227,6 +227,8 @@ class FactStore:
             changes, confirmed = graph.apply_edges(conn, walks, now)
             changes += graph.retract_touching(conn, tombstones, now)
             graph.replace_waits(conn, waiting, now)
+            # The roots' documents moved with their own row; the other ends' move here.
+            graph.touch_documents(conn, [end for c in changes for end in c.ends if end not in held])
         return FinishResult(
             enriched=counts["enriched"],
             partial=counts["partial"],
