@@ -13,6 +13,7 @@ import platform
 import shutil
 import socket
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 from types import TracebackType
@@ -90,6 +91,67 @@ class LocalPostgres:
         self._user = self.SYSTEM_USER
 
     def __enter__(self) -> LocalPostgres:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class LocalElasticsearch:
+    """An Elasticsearch-compatible server from the ``noida-db`` package (dev extra), on 127.0.0.1.
+
+    ``with LocalElasticsearch(tmp_dir) as es: Elasticsearch(es.url)``. The code talks to it only
+    through the official client's API, so production points ``ELASTICSEARCH_URL`` at a real cluster.
+    """
+
+    def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port or free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LocalElasticsearch:
+        import time
+        import urllib.request
+
+        executable = Path(sys.executable).with_name("noida-db")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.data_dir / "server.log").open("wb")
+        self._process = subprocess.Popen(
+            [str(executable), "start", "--only", "elasticsearch", "--elasticsearch-port", str(self.port),
+             "--data-dir", str(self.data_dir)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(self.url, timeout=1) as answer:
+                    if answer.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        tail = (self.data_dir / "server.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"the Elasticsearch-compatible server did not start on port {self.port}:\n{tail}")
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(timeout=5)
+        self._process = None
+
+    def __enter__(self) -> LocalElasticsearch:
         return self.start()
 
     def __exit__(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 
 from enrichment_assets.events import Event
-from enrichment_assets.factstore import graph, ingest, migrations, queue
+from enrichment_assets.factstore import graph, ingest, migrations, outbox, queue
 from enrichment_assets.factstore.engine import create_engine
 from enrichment_assets.factstore.models import (
     Claim,
@@ -358,6 +358,30 @@ class FactStore:
                 .where(entities.c.state == EntityState.FULLY_ENRICHED.value)
             )
             return sorted((enriched - seen).total_seconds() for seen, enriched in rows)
+
+    # -- the search outbox ---------------------------------------------------------------------------
+
+    def index_backlog(self, *, limit: int) -> list[EntityKey]:
+        """Entities whose search document is behind the fact store."""
+        with self.engine.connect() as conn:
+            return outbox.backlog(conn, limit)
+
+    def document_sources(self, keys: Sequence[EntityKey]) -> list[outbox.DocumentSource]:
+        with self.engine.connect() as conn:
+            return outbox.document_sources(conn, keys)
+
+    def mark_indexed(self, written: Sequence[tuple[EntityKey, int]]) -> None:
+        with self.engine.begin() as conn:
+            outbox.mark_indexed(conn, written)
+
+    def requeue_for_index(self, keys: Sequence[EntityKey]) -> None:
+        with self.engine.begin() as conn:
+            outbox.requeue(conn, keys)
+
+    def document_versions(self) -> Iterator[tuple[str, str, int, str]]:
+        """(type, id, doc_version, state) of every entity, in key order."""
+        with self.engine.connect() as conn:
+            yield from outbox.versions(conn)
 
     # -- discovery and reads ------------------------------------------------------------------------
 

@@ -1,0 +1,85 @@
+"""Incremental re-index: drain the fact store's search outbox into the index.
+
+Whatever is behind (new entities as ``pending``, enriched ones, both ends of every changed edge,
+tombstones to delete) is written in bulk with external versions, and acknowledged only once the index
+took it. An item that fails stays in the outbox and is retried by the next sync, never dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from enrichment_assets.factstore import EntityKey, FactStore
+from enrichment_assets.policy import Policy
+from enrichment_assets.search.documents import build_document, document_id
+from enrichment_assets.search.index import Action, SearchIndex
+
+
+@dataclass
+class IndexReport:
+    indexed: int = 0
+    deleted: int = 0
+    superseded: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+    changed: set[EntityKey] = field(default_factory=set)
+
+
+def actions_for(store: FactStore, policy: Policy, keys: list[EntityKey]) -> tuple[list[Action], dict[str, EntityKey]]:
+    actions, ids = [], {}
+    for source in store.document_sources(keys):
+        doc_id = document_id(*source.key)
+        ids[doc_id] = source.key
+        document = None if source.state == "deleted" else build_document(policy, source)
+        actions.append(Action(doc_id, source.doc_version, document))
+    return actions, ids
+
+
+def sync_index(store: FactStore, policy: Policy, index: SearchIndex, *, batch_size: int = 1000,
+               max_rounds: int = 1000) -> IndexReport:
+    report = IndexReport()
+    for _ in range(max_rounds):
+        keys = store.index_backlog(limit=batch_size)
+        if not keys:
+            break
+        actions, ids = actions_for(store, policy, keys)
+        result = index.write(actions)
+        deletions = {a.doc_id for a in actions if a.document is None}
+        store.mark_indexed([(ids[doc_id], version) for doc_id, version in result.written])
+        report.deleted += sum(1 for doc_id, _ in result.written if doc_id in deletions)
+        report.indexed += sum(1 for doc_id, _ in result.written if doc_id not in deletions)
+        report.superseded += result.superseded
+        report.failures.update(result.failures)
+        report.changed.update(ids[doc_id] for doc_id, _ in result.written)
+        if not result.written:
+            break  # only failures left this round: they stay in the outbox for the next sync
+    return report
+
+
+def rebuild_index(store: FactStore, policy: Policy, index: SearchIndex, *, batch_size: int = 1000,
+                  progress: Callable[[int], None] | None = None) -> tuple[str, IndexReport]:
+    """Build a new index from the whole fact store and swap the alias to it; searches keep answering.
+
+    Incremental syncs that run meanwhile write to the old index. So once the alias has moved, every
+    entity whose document version is ahead of what the rebuild wrote goes back in the outbox, and a
+    closing sync writes it to the new index.
+    """
+    keys = [(t, i) for t, i, _, state in store.document_versions() if state != "deleted"]
+    ids: dict[str, EntityKey] = {}
+
+    def actions() -> Iterator[Action]:
+        for start in range(0, len(keys), batch_size):
+            batch, batch_ids = actions_for(store, policy, keys[start : start + batch_size])
+            ids.update(batch_ids)
+            yield from batch
+
+    new_index, result = index.rebuild(actions(), progress=progress)
+    written = dict(result.written)
+    store.mark_indexed([(ids[doc_id], version) for doc_id, version in written.items()])
+    behind = [(t, i) for t, i, version, state in store.document_versions()
+              if state != "deleted" and written.get(document_id(t, i), 0) < version]
+    store.requeue_for_index(behind)
+    report = sync_index(store, policy, index)
+    report.indexed += len(written)
+    report.failures.update(result.failures)
+    return new_index, report
