@@ -22,6 +22,18 @@ def _settings() -> Settings:
         raise click.ClickException(str(error)) from None
 
 
+def _open_search(settings: Settings, *, required: bool = True):  # type: ignore[no-untyped-def]
+    from enrichment_assets.search import SearchIndex
+
+    if not settings.elasticsearch_url:
+        if required:
+            raise click.ClickException("search is not configured: set ELASTICSEARCH_URL (e.g. http://127.0.0.1:9200)")
+        return None
+    index = SearchIndex.from_url(settings.elasticsearch_url, alias=settings.index_alias)
+    index.ensure()
+    return index
+
+
 def _open_store(settings: Settings) -> FactStore:
     store = FactStore.from_url(settings.database_url)
     store.migrate()
@@ -86,7 +98,8 @@ def serve(host: str, port: int) -> None:
 
     settings = _settings()
     store = _open_store(settings)
-    uvicorn.run(create_app(store, settings), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(store, settings, _open_search(settings, required=False)), host=host, port=port,
+                log_level="info")
 
 
 @main.command()
@@ -146,6 +159,84 @@ def enrich_once_command(entity_types: tuple[str, ...], batch_size: int) -> None:
         reports, sources = enrich_once(store, settings.policy, entity_types=entity_types or None, batch_size=batch_size)
     for table in cycle_table(reports, sources):
         console().print(table)
+    index = _open_search(settings, required=False)
+    if index is not None:
+        from enrichment_assets.search import sync_index
+
+        indexed = sync_index(store, settings.policy, index)
+        console().print(f"search: indexed {indexed.indexed:,}, deleted {indexed.deleted:,}, "
+                        f"failed {len(indexed.failures):,} (retried next time)")
+
+
+@main.command()
+@click.argument("entity_type")
+@click.argument("entity_id")
+@click.option("--relation", default=None, help="Only this relation.")
+def edges(entity_type: str, entity_id: str, relation: str | None) -> None:
+    """The derived edges of one entity, with provenance and staleness (straight from the fact store)."""
+    from enrichment_assets.console import edges_table
+
+    store = _open_store(_settings())
+    record = store.get_entity(entity_type, entity_id)
+    if record is None:
+        raise click.ClickException(f"no entity {entity_type}/{entity_id} in the fact store")
+    console().print(edges_table(record, store.edges_of(entity_type, entity_id, relation=relation), store.now()))
+
+
+@main.command()
+@click.argument("query", default="")
+@click.option("--type", "entity_type", default=None, help="Only this entity type.")
+@click.option("--size", default=20, show_default=True)
+def search(query: str, entity_type: str | None, size: int) -> None:
+    """Search entities (Elasticsearch); every hit shows its state and staleness."""
+    from enrichment_assets.console import search_table
+
+    settings = _settings()
+    index = _open_search(settings)
+    store = _open_store(settings)
+    console().print(search_table(index.search(query, entity_type=entity_type, size=size), store.now()))
+
+
+@main.command()
+@click.option("--full", is_flag=True, help="Rebuild a new index from the whole fact store and swap the alias.")
+def reindex(full: bool) -> None:
+    """Write what the search index is behind on (or, with --full, rebuild it without downtime)."""
+    from enrichment_assets.search import rebuild_index, sync_index
+
+    settings = _settings()
+    assert settings.policy is not None
+    index = _open_search(settings)
+    store = _open_store(settings)
+    if full:
+        total = sum(sum(s.counts.values()) - s.counts.get("deleted", 0) for s in store.status())
+        with Progress(TextColumn("rebuilding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console(stderr=True)) as progress:
+            task = progress.add_task("rebuild", total=total)
+            name, report = rebuild_index(store, settings.policy, index, progress=lambda n: progress.advance(task, n))
+        console().print(f"rebuilt {name}: {report.indexed:,} documents; alias {index.alias} swapped atomically")
+    else:
+        report = sync_index(store, settings.policy, index)
+        console().print(f"indexed {report.indexed:,}, deleted {report.deleted:,}, already newer {report.superseded:,}")
+    for doc_id, reason in list(report.failures.items())[:20]:
+        console(stderr=True).print(f"[red]{doc_id}[/red]: {reason}", soft_wrap=True)
+    if report.failures:
+        raise click.ClickException(f"{len(report.failures)} documents failed; they stay queued for the next reindex")
+
+
+@main.command()
+@click.option("--exact", is_flag=True, help="Compare every document, not counts and a sample.")
+@click.option("--repair", is_flag=True, help="Re-index what differs.")
+def reconcile(exact: bool, repair: bool) -> None:
+    """Check that the search index agrees with the fact store (and repair it)."""
+    from enrichment_assets.console import reconcile_table
+    from enrichment_assets.search import reconcile as run_reconcile
+
+    settings = _settings()
+    assert settings.policy is not None
+    report = run_reconcile(_open_store(settings), _open_search(settings), settings.policy, exact=exact, repair=repair)
+    console().print(reconcile_table(report))
+    if not report.in_sync and not repair:
+        raise click.ClickException("the index differs from the fact store; run with --repair to fix it")
 
 
 @main.command()

@@ -105,3 +105,47 @@ def cycle_table(reports: list, sources: dict[str, dict]) -> list[Table]:
         calls.add_row(name, str(stats["requests"]), str(stats["entities_requested"]), str(stats["retries"]),
                       str(stats["throttled"]), str(stats["errors"]), "open" if stats["circuit_open"] else "closed")
     return [types, calls]
+
+
+def edges_table(record, edges: list[dict], now: datetime) -> Table:  # type: ignore[no-untyped-def]
+    staleness = record.staleness_seconds(now)
+    fresh = "never enriched" if staleness is None else f"enriched {humanize_seconds(staleness)} ago"
+    partial = " (partial: still waiting on some references)" if record.state == "partially_resolved" else ""
+    table = Table(title=f"{record.entity_type} {record.entity_id}: {record.state}, {fresh}{partial}",
+                  title_justify="left")
+    for column in ("relation", "to", "via", "asserted"):
+        table.add_column(column)
+    for edge in edges:
+        hops = " -> ".join(f"{t} {i}" for t, i in edge["path"][1:-1]) or "directly"
+        table.add_row(edge["relation"], f"{edge['dst_type']} {edge['dst_id']}", hops,
+                      humanize_seconds((now - edge["asserted_at"]).total_seconds()) + " ago")
+    if not edges:
+        table.caption = "no derived edges"
+    return table
+
+
+def search_table(hits: list[dict], now: datetime) -> Table:
+    from datetime import datetime as _dt
+
+    table = Table(title="Search", title_justify="left")
+    for column in ("type", "id", "name", "state", "staleness"):
+        table.add_column(column)
+    for hit in hits:
+        enriched = hit.get("last_enriched_at")
+        age = humanize_seconds((now - _dt.fromisoformat(enriched)).total_seconds()) if enriched else "never enriched"
+        table.add_row(hit["entity_type"], hit["entity_id"], hit.get("name") or "-", hit["state"], age)
+    if not hits:
+        table.caption = "no hits"
+    return table
+
+
+def reconcile_table(report) -> Table:  # type: ignore[no-untyped-def]
+    table = Table(title=f"Fact store vs search index: {'in sync' if report.in_sync else 'DIFFERENT'} "
+                        f"({report.checked:,} documents checked)", title_justify="left")
+    for column in ("entity type", "fact store", "index"):
+        table.add_column(column, justify="left" if column == "entity type" else "right")
+    for etype, (in_store, in_index) in report.counts.items():
+        table.add_row(etype, f"{in_store:,}", f"{in_index:,}")
+    table.caption = (f"missing {len(report.missing)}, stale {len(report.stale)}, extra {len(report.extra)}"
+                     + (f"; repaired: {report.repaired.indexed} re-indexed" if report.repaired else ""))
+    return table

@@ -27,6 +27,9 @@ class Settings:
     max_body_bytes: int = 10 * 1024 * 1024
     # Kept out of repr so it can never reach a log line or a traceback by accident.
     api_token: str | None = field(default=None, repr=False)
+    # Unset: search is off (the API answers 503 on /v1/search; enrichment does not index).
+    elasticsearch_url: str | None = field(default=None, repr=False)
+    index_alias: str = "enrichment-entities"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -44,6 +47,8 @@ class Settings:
             max_events=_positive_int(env, "ENRICHMENT_MAX_EVENTS", cls.max_events),
             max_body_bytes=_positive_int(env, "ENRICHMENT_MAX_BODY_BYTES", cls.max_body_bytes),
             api_token=env.get("ENRICHMENT_API_TOKEN") or None,
+            elasticsearch_url=env.get("ELASTICSEARCH_URL") or None,
+            index_alias=env.get("ENRICHMENT_INDEX_ALIAS") or cls.index_alias,
         )
 
 

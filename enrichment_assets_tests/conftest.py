@@ -17,6 +17,7 @@ from enrichment_assets.devservers import LocalPostgres
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.factstore.engine import create_engine
 from enrichment_assets.factstore.schema import metadata
+from enrichment_assets.search import SearchIndex
 
 
 class FakeClock:
@@ -100,3 +101,31 @@ def store(database_url: str, clock: FakeClock) -> Iterator[FactStore]:
     fact_store = FactStore.from_url(database_url, clock=clock, rng=random.Random(7))
     yield fact_store
     fact_store.dispose()
+
+
+@pytest.fixture(scope="session")
+def elasticsearch_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An Elasticsearch-compatible server for the session (``ENRICHMENT_TEST_ELASTICSEARCH_URL`` or
+    a noida-db process started here)."""
+    given = os.environ.get("ENRICHMENT_TEST_ELASTICSEARCH_URL")
+    if given:
+        yield given
+        return
+    from enrichment_assets.devservers import LocalElasticsearch
+
+    with LocalElasticsearch(tmp_path_factory.mktemp("elasticsearch")) as server:
+        yield server.url
+
+
+@pytest.fixture
+def search_index(elasticsearch_url: str) -> Iterator[SearchIndex]:
+    """A fresh index alias per test, removed afterwards."""
+    from enrichment_assets.search import SearchIndex
+
+    index = SearchIndex.from_url(elasticsearch_url, alias=f"test-{uuid.uuid4().hex[:10]}")
+    index.ensure()
+    yield index
+    for name in index.current_indices():
+        index.client.indices.delete(index=name)
+    index.client.indices.delete_index_template(name=f"{index.alias}-template")
+    index.close()

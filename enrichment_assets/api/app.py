@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from elasticsearch import ApiError, TransportError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -21,6 +22,7 @@ from starlette.routing import Route
 from enrichment_assets.events import EventBatchError, Problem, parse_events
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.factstore.models import EntityRecord, IngestResult
+from enrichment_assets.search import SearchIndex
 from enrichment_assets.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,8 +32,8 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(store: FactStore, settings: Settings) -> Starlette:
-    """Build the app around an open, migrated fact store."""
+def create_app(store: FactStore, settings: Settings, search: SearchIndex | None = None) -> Starlette:
+    """Build the app around an open, migrated fact store (and a search index, for /v1/search)."""
 
     def _authorized(request: Request) -> bool:
         if settings.api_token is None:
@@ -96,6 +98,51 @@ def create_app(store: FactStore, settings: Settings) -> Starlette:
             )
         return JSONResponse(entity_document(record, store.now()))
 
+    async def get_edges(request: Request) -> JSONResponse:
+        entity_type = request.path_params["entity_type"]
+        entity_id = request.path_params["entity_id"]
+        relation = request.query_params.get("relation") or None
+        record, edges = await run_in_threadpool(_entity_and_edges, store, entity_type, entity_id, relation)
+        if record is None:
+            return JSONResponse({"error": f"no entity {entity_type}/{entity_id} in the fact store"}, status_code=404)
+        now = store.now()
+        return JSONResponse({
+            "entity_type": entity_type,
+            "entity_id": entity_id,
+            "state": record.state,
+            "last_enriched_at": _iso(record.last_enriched_at),
+            "staleness_seconds": record.staleness_seconds(now),
+            # Partial: some paths wait on entities not there yet, so these edges may be incomplete.
+            "partial": record.state == "partially_resolved",
+            "edges": [
+                {"relation": e["relation"], "dst_type": e["dst_type"], "dst_id": e["dst_id"], "kind": e["kind"],
+                 "confidence": e["confidence"], "policy": e["policy"], "path": e["path"],
+                 "asserted_at": _iso(e["asserted_at"]), "confirmed_at": _iso(e["confirmed_at"])}
+                for e in edges
+            ],
+        })
+
+    async def search_entities(request: Request) -> JSONResponse:
+        if search is None:
+            return JSONResponse({"error": "search is not configured: set ELASTICSEARCH_URL"}, status_code=503)
+        query = request.query_params.get("q", "")
+        entity_type = request.query_params.get("type") or None
+        try:
+            size = min(max(int(request.query_params.get("size", "20")), 1), 100)
+        except ValueError:
+            return JSONResponse({"error": "size must be an integer"}, status_code=400)
+        try:
+            hits = await run_in_threadpool(search.search, query, entity_type=entity_type, size=size)
+        except (ApiError, TransportError) as error:
+            log.error("search failed: %s", type(error).__name__)
+            return JSONResponse({"error": "search index unavailable; retry"}, status_code=503)
+        now = store.now()
+        return JSONResponse({"hits": [
+            {**{k: hit.get(k) for k in ("entity_type", "entity_id", "name", "state", "version", "last_enriched_at")},
+             "staleness_seconds": _staleness(hit.get("last_enriched_at"), now)}
+            for hit in hits
+        ]})
+
     async def healthz(_request: Request) -> JSONResponse:
         try:
             await run_in_threadpool(_ping, store)
@@ -107,6 +154,9 @@ def create_app(store: FactStore, settings: Settings) -> Starlette:
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/v1/events", post_events, methods=["POST"]),
+            Route("/v1/search", search_entities, methods=["GET"]),
+            # Before the plain entity route: ids may hold '/', so ".../edges" must match here first.
+            Route("/v1/entities/{entity_type}/{entity_id:path}/edges", get_edges, methods=["GET"]),
             Route("/v1/entities/{entity_type}/{entity_id:path}", get_entity, methods=["GET"]),
         ]
     )
@@ -133,6 +183,19 @@ def entity_document(record: EntityRecord, now: datetime) -> dict[str, Any]:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+def _staleness(last_enriched_at: str | None, now: datetime) -> float | None:
+    if not last_enriched_at:
+        return None
+    return max((now - datetime.fromisoformat(last_enriched_at)).total_seconds(), 0.0)
+
+
+def _entity_and_edges(
+    store: FactStore, entity_type: str, entity_id: str, relation: str | None
+) -> tuple[EntityRecord | None, list[dict[str, Any]]]:
+    record = store.get_entity(entity_type, entity_id)
+    return record, store.edges_of(entity_type, entity_id, relation=relation) if record else []
 
 
 def _ping(store: FactStore) -> None:

@@ -181,6 +181,8 @@ class EntityRecord:
     waiting_on: list[str] | None
     claim_owner: str | None
     claim_expires_at: datetime | None
+    doc_version: int
+    indexed_version: int
 
     def staleness_seconds(self, now: datetime) -> float | None:
         """Seconds since the entity's graph was last verified against its sources; None if never."""

@@ -1,0 +1,184 @@
+"""Search against the Elasticsearch-compatible server and real PostgreSQL: both ends of a changed edge
+are re-indexed, an older version never overwrites a newer document, a full rebuild keeps searches
+answering, reconciliation finds and repairs drift, tombstones leave the index and update the other
+ends, and an entity ingested but not yet enriched is searchable as pending."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from enrichment_assets.events import Event
+from enrichment_assets.factstore import DerivedEdge, FactStore, Outcome, RetryPolicy
+from enrichment_assets.policy import load_policy
+from enrichment_assets.search import Action, SearchIndex, document_id, reconcile, rebuild_index, sync_index
+
+from .conftest import FakeClock, create_engine, metadata
+
+POLICY = load_policy(Path(__file__).parent / "policies" / "chain.yaml")
+LEASE = timedelta(minutes=5)
+
+
+@pytest.fixture
+def store(postgres_url: str, clock: FakeClock) -> Iterator[FactStore]:
+    engine = create_engine(postgres_url)
+    with engine.begin() as conn:
+        for table in reversed(metadata.sorted_tables):
+            conn.execute(sa.delete(table))
+    engine.dispose()
+    fact_store = FactStore.from_url(postgres_url, clock=clock, rng=random.Random(5))
+    yield fact_store
+    fact_store.dispose()
+
+
+def ingest(store: FactStore, entity_type: str, *ids: str, event_type: str = "created") -> None:
+    store.ingest_events([Event(entity_type=entity_type, entity_id=i, event_type=event_type) for i in ids])
+
+
+def enrich(store: FactStore, entity_type: str, names: dict[str, str], edges: dict[str, list[tuple[str, str]]] | None = None):
+    claims = store.claim(entity_type, limit=100, owner="t", lease=LEASE)
+    outcomes = []
+    for claim in claims:
+        derived = tuple(DerivedEdge(rel, "c", dst, ((entity_type, claim.entity_id), ("c", dst)))
+                        for rel, dst in (edges or {}).get(claim.entity_id, []))
+        outcomes.append(Outcome.of(claim, "enriched", attributes={"id": claim.entity_id, "name": names.get(claim.entity_id, claim.entity_id)},
+                                   edges=derived))
+    return store.finish("t", outcomes, RetryPolicy())
+
+
+def doc(index: SearchIndex, entity_type: str, entity_id: str) -> dict | None:
+    index.refresh()
+    answer = index.client.options(ignore_status=404).get(index=index.alias, id=document_id(entity_type, entity_id))
+    return answer["_source"] if answer.get("found") else None
+
+
+def relations(document: dict) -> set[tuple[str, str, str]]:
+    return {(r["relation"], r["direction"], r["other_id"]) for r in document["relationships"]}
+
+
+def test_pending_entity_is_searchable_as_pending(store: FactStore, search_index: SearchIndex) -> None:
+    ingest(store, "a", "fresh-one")
+    report = sync_index(store, POLICY, search_index)
+    assert report.indexed == 1 and not report.failures
+    search_index.refresh()
+    [hit] = search_index.search("fresh-one")
+    assert (hit["state"], hit["last_enriched_at"], hit["version"]) == ("pending", None, 1)
+    assert store.index_backlog(limit=10) == [], "acknowledged"
+
+
+def test_both_ends_of_a_changed_edge_are_reindexed(store: FactStore, search_index: SearchIndex, clock) -> None:
+    ingest(store, "c", "c1", "c2")
+    enrich(store, "c", {"c1": "Cell One", "c2": "Cell Two"})
+    ingest(store, "a", "a1")
+    enrich(store, "a", {"a1": "Alpha"}, {"a1": [("reaches", "c1")]})
+    sync_index(store, POLICY, search_index)
+    assert relations(doc(search_index, "a", "a1")) == {("reaches", "out", "c1")}
+    assert relations(doc(search_index, "c", "c1")) == {("reaches", "in", "a1")}
+    assert doc(search_index, "c", "c1")["relationships"][0]["other_name"] == "Alpha"
+
+    clock.advance(minutes=1)
+    ingest(store, "a", "a1", event_type="updated")
+    result = enrich(store, "a", {"a1": "Alpha"}, {"a1": [("reaches", "c2")]})
+    assert {(c.dst_id, c.change) for c in result.edge_changes} == {("c1", "retracted"), ("c2", "asserted")}
+    backlog = set(store.index_backlog(limit=10))
+    assert backlog == {("a", "a1"), ("c", "c1"), ("c", "c2")}, "the root and both other ends"
+    sync_index(store, POLICY, search_index)
+    assert relations(doc(search_index, "a", "a1")) == {("reaches", "out", "c2")}
+    assert relations(doc(search_index, "c", "c1")) == set()
+    assert relations(doc(search_index, "c", "c2")) == {("reaches", "in", "a1")}
+
+
+def test_an_older_version_never_overwrites_a_newer_document(store: FactStore, search_index: SearchIndex) -> None:
+    ingest(store, "a", "a1")
+    sync_index(store, POLICY, search_index)
+    enrich(store, "a", {"a1": "New name"})
+    sync_index(store, POLICY, search_index)
+    newest = doc(search_index, "a", "a1")
+    assert newest["name"] == "New name" and newest["version"] == 2
+    late = search_index.write([Action(document_id("a", "a1"), 1, {**newest, "name": "Old name", "version": 1})])
+    assert late.superseded == 1 and not late.failures
+    assert doc(search_index, "a", "a1")["name"] == "New name"
+    replay = search_index.write([Action(document_id("a", "a1"), 2, {**newest, "name": "Replayed"})])
+    assert replay.superseded == 1, "the same version is not written twice either"
+    assert doc(search_index, "a", "a1")["name"] == "New name"
+
+
+def test_tombstone_removes_the_document_and_updates_the_other_ends(store: FactStore, search_index: SearchIndex) -> None:
+    ingest(store, "c", "c1")
+    enrich(store, "c", {"c1": "Cell"})
+    ingest(store, "a", "a1")
+    enrich(store, "a", {"a1": "Alpha"}, {"a1": [("reaches", "c1")]})
+    sync_index(store, POLICY, search_index)
+    ingest(store, "c", "c1", event_type="deleted")
+    [tombstone] = store.claim("c", limit=10, owner="t", lease=LEASE)
+    store.finish("t", [Outcome.of(tombstone, "deleted")], RetryPolicy())
+    report = sync_index(store, POLICY, search_index)
+    assert report.deleted == 1
+    assert doc(search_index, "c", "c1") is None
+    assert relations(doc(search_index, "a", "a1")) == set()
+
+
+def test_reconciliation_finds_and_repairs_a_deleted_and_a_stale_document(
+    store: FactStore, search_index: SearchIndex
+) -> None:
+    ingest(store, "a", *(f"a{i}" for i in range(20)))
+    enrich(store, "a", {})
+    sync_index(store, POLICY, search_index)
+    assert reconcile(store, search_index, POLICY, exact=True).in_sync
+    search_index.client.delete(index=search_index.alias, id=document_id("a", "a3"), refresh=True)
+    # A write the index lost after acknowledging: the store moves on, the document does not.
+    ingest(store, "a", "a7", event_type="updated")
+    enrich(store, "a", {"a7": "renamed"})
+    store.mark_indexed([(("a", "a7"), store.get_entity("a", "a7").doc_version)])
+    assert store.index_backlog(limit=10) == []
+    report = reconcile(store, search_index, POLICY, exact=True)
+    assert (report.missing, report.stale, report.extra) == ([("a", "a3")], [("a", "a7")], [])
+    assert report.counts["a"] == (20, 19) and not report.in_sync
+    sampled = reconcile(store, search_index, POLICY, sample=20)
+    assert set(sampled.missing) == {("a", "a3")} and set(sampled.stale) == {("a", "a7")}
+    repaired = reconcile(store, search_index, POLICY, exact=True, repair=True)
+    assert repaired.repaired is not None and repaired.repaired.indexed >= 1
+    assert reconcile(store, search_index, POLICY, exact=True).in_sync
+    assert doc(search_index, "a", "a3") is not None and doc(search_index, "a", "a7")["name"] == "renamed"
+
+
+def test_full_rebuild_keeps_searches_answering(store: FactStore, search_index: SearchIndex) -> None:
+    ingest(store, "a", *(f"a{i:04d}" for i in range(3000)))
+    enrich_all = store.claim("a", limit=5000, owner="t", lease=LEASE)
+    store.finish("t", [Outcome.of(c, "enriched", attributes={"name": f"model {c.entity_id}"}) for c in enrich_all],
+                 RetryPolicy())
+    sync_index(store, POLICY, search_index)
+    search_index.refresh()
+    before = search_index.current_indices()
+    errors: list[BaseException] = []
+    empty = 0
+    searches = 0
+    stop = threading.Event()
+
+    def search_loop() -> None:
+        nonlocal empty, searches
+        while not stop.is_set():
+            try:
+                hits = search_index.search("model", size=5)
+                searches += 1
+                empty += not hits
+            except BaseException as error:  # collected for the assertion
+                errors.append(error)
+
+    thread = threading.Thread(target=search_loop)
+    thread.start()
+    try:
+        new_index, report = rebuild_index(store, POLICY, search_index, batch_size=500)
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == [] and empty == 0 and searches > 5
+    assert search_index.current_indices() == [new_index] and new_index not in before
+    assert not report.failures
+    assert reconcile(store, search_index, POLICY, exact=True).in_sync
