@@ -174,13 +174,15 @@ def enrich_once_command(entity_types: tuple[str, ...], batch_size: int) -> None:
 @click.option("--relation", default=None, help="Only this relation.")
 def edges(entity_type: str, entity_id: str, relation: str | None) -> None:
     """The derived edges of one entity, with provenance and staleness (straight from the fact store)."""
-    from enrichment_assets.console import edges_table
+    from enrichment_assets.console import edges_header, edges_table
 
     store = _open_store(_settings())
     record = store.get_entity(entity_type, entity_id)
     if record is None:
         raise click.ClickException(f"no entity {entity_type}/{entity_id} in the fact store")
-    console().print(edges_table(record, store.edges_of(entity_type, entity_id, relation=relation), store.now()))
+    now = store.now()
+    console().print(edges_header(record, now), soft_wrap=True)
+    console().print(edges_table(store.edges_of(entity_type, entity_id, relation=relation), now))
 
 
 @main.command()
@@ -213,10 +215,13 @@ def reindex(full: bool) -> None:
                       console=console(stderr=True)) as progress:
             task = progress.add_task("rebuild", total=total)
             name, report = rebuild_index(store, settings.policy, index, progress=lambda n: progress.advance(task, n))
-        console().print(f"rebuilt {name}: {report.indexed:,} documents; alias {index.alias} swapped atomically")
+        console().print(f"rebuilt {name}: {report.indexed:,} documents; alias {index.alias} swapped atomically",
+                        soft_wrap=True)
     else:
         report = sync_index(store, settings.policy, index)
-        console().print(f"indexed {report.indexed:,}, deleted {report.deleted:,}, already newer {report.superseded:,}")
+        index.refresh()
+        console().print(f"indexed {report.indexed:,}, deleted {report.deleted:,}, already newer {report.superseded:,}",
+                        soft_wrap=True)
     for doc_id, reason in list(report.failures.items())[:20]:
         console(stderr=True).print(f"[red]{doc_id}[/red]: {reason}", soft_wrap=True)
     if report.failures:

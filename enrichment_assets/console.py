@@ -107,12 +107,15 @@ def cycle_table(reports: list, sources: dict[str, dict]) -> list[Table]:
     return [types, calls]
 
 
-def edges_table(record, edges: list[dict], now: datetime) -> Table:  # type: ignore[no-untyped-def]
+def edges_header(record, now: datetime) -> str:  # type: ignore[no-untyped-def]
     staleness = record.staleness_seconds(now)
     fresh = "never enriched" if staleness is None else f"enriched {humanize_seconds(staleness)} ago"
     partial = " (partial: still waiting on some references)" if record.state == "partially_resolved" else ""
-    table = Table(title=f"{record.entity_type} {record.entity_id}: {record.state}, {fresh}{partial}",
-                  title_justify="left")
+    return f"[bold]{record.entity_type} {record.entity_id}[/bold]: {record.state}, {fresh}{partial}"
+
+
+def edges_table(edges: list[dict], now: datetime) -> Table:
+    table = Table()
     for column in ("relation", "to", "via", "asserted"):
         table.add_column(column)
     for edge in edges:

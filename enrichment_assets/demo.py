@@ -1,10 +1,12 @@
 """The quick-start demo: thin events in over HTTP, enrichment against the simulated sources, the
-graph and its staleness out.
+graph, search and staleness out.
 
-It starts the source simulator and the ingest API on free local ports, sends the simulator's thin
-events through the API (first a batch with one bad line, which is rejected whole), runs enrichment
-cycles until nothing is due, and prints the store's state, the derived edges, one entity's multi-hop
-answer with its provenance, and how long entities took from ingest to enriched.
+It starts the source simulator, an Elasticsearch-compatible server (unless ELASTICSEARCH_URL is set)
+and the API on free local ports, sends the simulator's thin events through the API (first a batch with
+one bad line, which is rejected whole), indexes them as pending, runs enrichment cycles (re-indexing
+as it goes) until nothing is due, and prints the store's state, the derived edges, one entity's
+multi-hop answers with their provenance, ingest-to-enriched times, and a search hit and its edges read
+back through the API, each with its staleness.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -23,14 +26,17 @@ from rich.table import Table
 from enrichment_assets.api import create_app
 from enrichment_assets.api.server import BackgroundServer
 from enrichment_assets.console import console, humanize_seconds, status_table
+from enrichment_assets.devservers import LocalElasticsearch
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.hydration.cycle import enrich_once
 from enrichment_assets.policy import Policy, load_policy
+from enrichment_assets.search import SearchIndex, sync_index
 from enrichment_assets.settings import SHIPPED_POLICY, Settings
 from enrichment_assets.simulator.events import thin_events
 from enrichment_assets.simulator.server import simulator_server
 
 SCALE = 0.1
+DEMO_SEARCH_DIR = Path(".enrichment") / "elasticsearch"
 MAX_CYCLES = 8
 
 
@@ -57,15 +63,32 @@ def run_demo(settings: Settings) -> None:
     store.migrate()
     out.rule("enrichment_assets demo")
     out.print(f"fact store: [bold]{store.dialect}[/bold] (ENRICHMENT_DATABASE_URL to change)")
-    with simulator_server(seed=7, scale=SCALE) as simulator, _sources_at(simulator.environ()):
+    with _search_server(settings) as search_url, simulator_server(seed=7, scale=SCALE) as simulator, \
+            _sources_at(simulator.environ()):
+        index = SearchIndex.from_url(search_url, alias=settings.index_alias)
+        index.ensure()
         graph = simulator.simulator.graph.snapshot()
         out.print(f"source simulator on {simulator.url}: {sum(graph.counts().values()):,} entities in "
-                  f"{len(policy.sources)} source systems")
+                  f"{len(policy.sources)} source systems; search on {search_url}")
         events = list(thin_events(graph))
         _ingest(store, settings, events)
-        _enrich(store, policy, total=len(events))
+        pending = sync_index(store, policy, index)
+        out.print(f"search: {pending.indexed:,} documents indexed as [bold]pending[/bold] before any enrichment")
+        _enrich(store, policy, index, total=len(events))
         stats = httpx.get(simulator.url + "/admin/stats", timeout=10).json()["sources"]
-    _summary(store, policy, stats)
+        _summary(store, policy, stats)
+        _reads(store, settings, policy, index)
+        index.close()
+
+
+@contextmanager
+def _search_server(settings: Settings) -> Iterator[str]:
+    """ELASTICSEARCH_URL when set; otherwise the Elasticsearch-compatible server from noida-db."""
+    if settings.elasticsearch_url:
+        yield settings.elasticsearch_url
+        return
+    with LocalElasticsearch(DEMO_SEARCH_DIR) as server:
+        yield server.url
 
 
 def _ingest(store: FactStore, settings: Settings, events: list[dict[str, str]]) -> None:
@@ -89,12 +112,13 @@ def _ingest(store: FactStore, settings: Settings, events: list[dict[str, str]]) 
                   f"{(time.time() - started) * 1000:.0f} ms; no source was called")
 
 
-def _enrich(store: FactStore, policy: Policy, *, total: int) -> None:
+def _enrich(store: FactStore, policy: Policy, index: SearchIndex, *, total: int) -> None:
     with Progress(TextColumn("enriching"), BarColumn(), MofNCompleteColumn(), TextColumn("settled"),
                   TimeElapsedColumn(), console=console()) as progress:
         task = progress.add_task("enrich", total=total)
         for _ in range(MAX_CYCLES):
             enrich_once(store, policy)
+            sync_index(store, policy, index)
             settled = sum(c for s in store.status() for state, c in s.counts.items()
                           if state in ("fully_enriched", "deleted", "quarantined"))
             progress.update(task, completed=min(settled, total))
@@ -139,5 +163,25 @@ def _summary(store: FactStore, policy: Policy, stats: dict) -> None:
     if lags:
         p50, p95 = lags[len(lags) // 2], lags[max(int(len(lags) * 0.95) - 1, 0)]
         out.print(f"ingest -> fully enriched: p50 {p50:.1f} s, p95 {p95:.1f} s over {len(lags):,} entities")
+
+
+def _reads(store: FactStore, settings: Settings, policy: Policy, index: SearchIndex) -> None:
+    """What a user does next: search, then walk the edges of a hit, each answer with its staleness."""
+    out = console()
+    index.refresh()
+    root_type = max(policy.policies, key=lambda t: len(policy.effective(t).edges))
+    with BackgroundServer(create_app(store, settings, index)) as server, httpx.Client(
+        base_url=server.url, timeout=30
+    ) as client:
+        [hit] = client.get("/v1/search", params={"q": "", "type": root_type, "size": 1}).json()["hits"]
+        out.print(f"\nGET /v1/search?type={root_type} -> {hit['entity_id']} \"{hit['name']}\" "
+                  f"state={hit['state']} staleness={hit['staleness_seconds']:.1f}s")
+        started = time.perf_counter()
+        answer = client.get(f"/v1/entities/{root_type}/{hit['entity_id']}/edges").json()
+        elapsed = (time.perf_counter() - started) * 1000
+        relations = sorted({e["relation"] for e in answer["edges"]})
+        out.print(f"GET /v1/entities/{root_type}/{hit['entity_id']}/edges -> {len(answer['edges'])} edges "
+                  f"({', '.join(relations)}) in {elapsed:.1f} ms, staleness={answer['staleness_seconds']:.1f}s, "
+                  f"partial={answer['partial']}")
     out.print("Next: `.venv/bin/enrichment status`, `.venv/bin/enrichment serve` for the API, "
               "`.venv/bin/enrichment simulate` to play the sources yourself.")

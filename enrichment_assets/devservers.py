@@ -12,8 +12,9 @@ import os
 import platform
 import shutil
 import socket
+import signal
 import subprocess
-import sys
+from importlib.resources import files
 import warnings
 from pathlib import Path
 from types import TracebackType
@@ -119,7 +120,10 @@ class LocalElasticsearch:
         import time
         import urllib.request
 
-        executable = Path(sys.executable).with_name("noida-db")
+        # The binary itself, not the package's console script: that wrapper runs it as a child, and
+        # stopping the wrapper would leave the server running.
+        executable = Path(str(files("noida_db").joinpath("noida-db")))
+        executable.chmod(0o755)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = (self.data_dir / "server.log").open("wb")
         self._process = subprocess.Popen(
@@ -143,11 +147,12 @@ class LocalElasticsearch:
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
+            # Its own session (start_new_session): signal the whole group, children included.
+            os.killpg(self._process.pid, signal.SIGTERM)
             try:
                 self._process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                self._process.kill()
+                os.killpg(self._process.pid, signal.SIGKILL)
                 self._process.wait(timeout=5)
         self._process = None
 

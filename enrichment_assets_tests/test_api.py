@@ -7,12 +7,14 @@ import json
 import logging
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import pytest
 
 from enrichment_assets.api import create_app
 from enrichment_assets.api.server import BackgroundServer
+from enrichment_assets.events import Event
 from enrichment_assets.factstore import FactStore, Outcome, RetryPolicy
 from enrichment_assets.settings import Settings
 
@@ -134,3 +136,45 @@ def test_writes_need_the_token_and_it_never_leaks(store: FactStore, caplog: pyte
     assert all(TOKEN not in r.text and TOKEN not in str(r.headers) for r in responses)
     assert TOKEN not in caplog.text
     assert TOKEN not in repr(Settings(api_token=TOKEN))
+
+
+def test_edges_endpoint_reports_provenance_staleness_and_partial(store: FactStore, clock) -> None:
+    from enrichment_assets.factstore import DerivedEdge
+
+    store.ingest_events([Event(entity_type="thing", entity_id="t/1", event_type="created")])
+    [claim] = store.claim("thing", limit=1, owner="w", lease=timedelta(minutes=1))
+    edge = DerivedEdge("near", "other", "o1", (("thing", "t/1"), ("other", "hop"), ("other", "o1")))
+    store.finish("w", [Outcome.of(claim, "partial", attributes={}, edges=(edge,), waiting_on=(("other", "o2"),))],
+                 RetryPolicy())
+    clock.advance(seconds=30)
+    with serve(store) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+        answer = client.get("/v1/entities/thing/t%2F1/edges").json()
+        assert answer["partial"] is True and answer["state"] == "partially_resolved"
+        assert answer["staleness_seconds"] is None, "never fully enriched"
+        [only] = answer["edges"]
+        assert (only["relation"], only["dst_id"], only["path"]) == ("near", "o1", [["thing", "t/1"], ["other", "hop"], ["other", "o1"]])
+        assert client.get("/v1/entities/thing/t%2F1/edges", params={"relation": "far"}).json()["edges"] == []
+        assert client.get("/v1/entities/thing/nope/edges").status_code == 404
+        assert client.get("/v1/search", params={"q": "x"}).status_code == 503, "search not configured"
+
+
+def test_search_endpoint_answers_with_state_and_staleness(store: FactStore, search_index, clock) -> None:
+    from enrichment_assets.policy import load_policy
+    from enrichment_assets.search import sync_index
+
+    policy = load_policy(Path(__file__).parent / "policies" / "things.yaml")
+    store.ingest_events([Event(entity_type="thing", entity_id=i, event_type="created") for i in ("lamp", "lamp-2")])
+    [claim] = store.claim("thing", limit=1, owner="w", lease=timedelta(minutes=1))
+    store.finish("w", [Outcome.of(claim, "enriched", attributes={"name": "Desk lamp"})], RetryPolicy())
+    sync_index(store, policy, search_index)
+    search_index.refresh()
+    clock.advance(seconds=42)
+    config = Settings(entity_types=frozenset({"thing", "other"}))
+    with BackgroundServer(create_app(store, config, search_index)) as server, httpx.Client(base_url=server.url) as client:
+        by_name = client.get("/v1/search", params={"q": "desk"}).json()["hits"]
+        hits = {h["entity_id"]: h for h in client.get("/v1/search", params={"q": "", "type": "thing"}).json()["hits"]}
+    assert [h["entity_id"] for h in by_name] == [claim.entity_id]
+    enriched = hits[claim.entity_id]
+    assert (enriched["state"], enriched["staleness_seconds"]) == ("fully_enriched", 42)
+    pending = next(h for i, h in hits.items() if i != claim.entity_id)
+    assert (pending["state"], pending["staleness_seconds"]) == ("pending", None)

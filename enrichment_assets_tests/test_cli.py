@@ -84,3 +84,30 @@ def test_demo_ingests_enriches_and_shows_the_graph(env: str) -> None:
     assert len(report) == 8 and all(set(s.counts) == {"fully_enriched"} for s in report), report
     assert sum(store.edge_counts().values()) > 1000
     assert "derived through" not in result.output and "via " in result.output
+
+
+def test_search_reindex_reconcile_and_edges_commands(env: str, monkeypatch: pytest.MonkeyPatch,
+                                                      elasticsearch_url: str) -> None:
+    monkeypatch.setenv("ELASTICSEARCH_URL", elasticsearch_url)
+    monkeypatch.setenv("ENRICHMENT_INDEX_ALIAS", f"cli-{env.rsplit('/', 1)[-1].lower()[:20]}-{id(env)}")
+    runner = CliRunner()
+    line = "\n".join(json.dumps({"entity_type": "thing", "entity_id": f"lamp-{i}", "event_type": "created"})
+                     for i in range(3))
+    assert runner.invoke(main, ["ingest", "-"], input=line).exit_code == 0
+    reindexed = runner.invoke(main, ["reindex"])
+    assert reindexed.exit_code == 0 and "indexed 3" in reindexed.output, reindexed.output
+    found = runner.invoke(main, ["search", "lamp-1"])
+    assert "lamp-1" in found.output and "pending" in found.output and "never enriched" in found.output
+    checked = runner.invoke(main, ["reconcile", "--exact"])
+    assert checked.exit_code == 0 and "in sync" in checked.output, checked.output
+    rebuilt = runner.invoke(main, ["reindex", "--full"])
+    assert rebuilt.exit_code == 0 and "swapped atomically" in rebuilt.output, rebuilt.output
+    edges = runner.invoke(main, ["edges", "thing", "lamp-0"])
+    assert edges.exit_code == 0 and "never enriched" in edges.output and "no derived edges" in edges.output
+    assert runner.invoke(main, ["edges", "thing", "absent"]).exit_code != 0
+
+
+def test_search_without_elasticsearch_says_what_to_set(env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ELASTICSEARCH_URL", raising=False)
+    result = CliRunner().invoke(main, ["search", "x"])
+    assert result.exit_code != 0 and "set ELASTICSEARCH_URL" in result.output

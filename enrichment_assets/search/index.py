@@ -112,10 +112,13 @@ class SearchIndex:
         result = WriteResult()
 
         def counted(source: Iterable[Action]) -> Iterable[Action]:
+            n = 0
             for n, action in enumerate(source, start=1):
                 if progress and n % 1000 == 0:
                     progress(1000)
                 yield action
+            if progress and n % 1000:
+                progress(n % 1000)
 
         partial = self.write(counted(actions), index=new)
         result.written, result.superseded, result.failures = partial.written, partial.superseded, partial.failures
