@@ -186,7 +186,9 @@ class Walker:
 
     def _outcome(self, state: _RootState, root: Fetched, now: Any) -> Outcome:
         claim = state.claim
-        attributes = root.body if root.status == "found" else None
+        # A hydration reused from the store is not re-stored: hydrated_at keeps saying when the
+        # source was last asked.
+        attributes = root.body if root.status == "found" and not isinstance(root, _Reused) else None
         if state.error:
             return Outcome.of(claim, "failed", attributes=attributes, error=state.error)
         if state.unavailable:
