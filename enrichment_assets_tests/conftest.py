@@ -73,17 +73,20 @@ def postgres_url(make_postgres_database: Callable[[], str]) -> str:
     return url
 
 
+def _emptied(url: str) -> str:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for table in reversed(metadata.sorted_tables):
+            conn.execute(sa.delete(table))
+    engine.dispose()
+    return url
+
+
 @pytest.fixture(params=["postgresql", "sqlite"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A migrated, empty fact store database: the test runs once on each backend."""
     if request.param == "postgresql":
-        url = request.getfixturevalue("postgres_url")
-        engine = create_engine(url)
-        with engine.begin() as conn:
-            for table in reversed(metadata.sorted_tables):
-                conn.execute(sa.delete(table))
-        engine.dispose()
-        return url
+        return _emptied(request.getfixturevalue("postgres_url"))
     url = f"sqlite:///{tmp_path / 'facts.db'}"
     FactStore.from_url(url).migrate()
     return url
@@ -129,3 +132,13 @@ def search_index(elasticsearch_url: str) -> Iterator[SearchIndex]:
         index.client.indices.delete(index=name)
     index.client.indices.delete_index_template(name=f"{index.alias}-template")
     index.close()
+
+
+@pytest.fixture
+def pg_store(postgres_url: str, clock: FakeClock) -> Iterator[FactStore]:
+    """An empty fact store on PostgreSQL only, for tests whose subject is not the backend."""
+    import random
+
+    fact_store = FactStore.from_url(_emptied(postgres_url), clock=clock, rng=random.Random(5))
+    yield fact_store
+    fact_store.dispose()

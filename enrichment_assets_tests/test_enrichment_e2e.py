@@ -6,7 +6,6 @@ nothing; no source ever sees more than its configured rate; hostile ids stay ins
 from __future__ import annotations
 
 import asyncio
-import random
 import subprocess
 import sys
 import time
@@ -60,17 +59,8 @@ def simulator(sim_clock: SimClock) -> Iterator[SimulatorServer]:
 
 
 @pytest.fixture
-def store(postgres_url: str, clock: FakeClock) -> Iterator[FactStore]:
-    from .conftest import create_engine, metadata
-
-    engine = create_engine(postgres_url)
-    with engine.begin() as conn:
-        for table in reversed(metadata.sorted_tables):
-            conn.execute(sa.delete(table))
-    engine.dispose()
-    fact_store = FactStore.from_url(postgres_url, clock=clock, rng=random.Random(3))
-    yield fact_store
-    fact_store.dispose()
+def store(pg_store: FactStore) -> FactStore:
+    return pg_store
 
 
 def tuned(policy: Policy, **source_overrides: object) -> Policy:

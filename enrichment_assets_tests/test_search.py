@@ -5,36 +5,25 @@ ends, and an entity ingested but not yet enriched is searchable as pending."""
 
 from __future__ import annotations
 
-import random
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from enrichment_assets.events import Event
 from enrichment_assets.factstore import DerivedEdge, FactStore, Outcome, RetryPolicy
 from enrichment_assets.policy import load_policy
 from enrichment_assets.search import Action, SearchIndex, document_id, reconcile, rebuild_index, sync_index
 
-from .conftest import FakeClock, create_engine, metadata
 
 POLICY = load_policy(Path(__file__).parent / "policies" / "chain.yaml")
 LEASE = timedelta(minutes=5)
 
 
 @pytest.fixture
-def store(postgres_url: str, clock: FakeClock) -> Iterator[FactStore]:
-    engine = create_engine(postgres_url)
-    with engine.begin() as conn:
-        for table in reversed(metadata.sorted_tables):
-            conn.execute(sa.delete(table))
-    engine.dispose()
-    fact_store = FactStore.from_url(postgres_url, clock=clock, rng=random.Random(5))
-    yield fact_store
-    fact_store.dispose()
+def store(pg_store: FactStore) -> FactStore:
+    return pg_store
 
 
 def ingest(store: FactStore, entity_type: str, *ids: str, event_type: str = "created") -> None:
