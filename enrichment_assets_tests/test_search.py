@@ -16,7 +16,6 @@ from enrichment_assets.factstore import DerivedEdge, FactStore, Outcome, RetryPo
 from enrichment_assets.policy import load_policy
 from enrichment_assets.search import Action, SearchIndex, document_id, reconcile, rebuild_index, sync_index
 
-
 POLICY = load_policy(Path(__file__).parent / "policies" / "chain.yaml")
 LEASE = timedelta(minutes=5)
 
