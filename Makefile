@@ -19,7 +19,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/enrichment demo
 
-## Start a throwaway PostgreSQL (and, as later layers need them, the other servers) and run pytest.
+## Run pytest; its fixtures start a throwaway PostgreSQL and an Elasticsearch-compatible server.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/claim.py
+	$(BIN)/python bench/enrich.py
 
 ## The Dagster UI on a local SQLite instance under .enrichment/dagster.
 dev: $(STAMP)
