@@ -3,42 +3,37 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import time
-from collections import deque
 from collections.abc import Callable
 
 
 class RateLimiter:
-    """At most ``per_second`` request starts in any sliding window of one second.
+    """Paces request starts evenly, at most ``per_second`` in any one-second window.
 
-    A sliding log rather than a token bucket: a bucket lets a full burst plus the refill through in one
-    second, which a source that enforces its limit over a sliding window answers with 429s.
+    Even spacing rather than a token bucket or a sliding log: both of those let a whole second's
+    budget start at once, and a burst that arrives a little late lands in the next window together
+    with that window's own requests, which a source enforcing its limit answers with 429s.
     """
 
     # Leaves room for the jitter between a request being admitted here and arriving at the source
-    # (event-loop and scheduling delays bunch arrivals): measured up to ~8% on a busy 2-core machine.
+    # (event-loop and scheduling delays on a busy machine).
     MARGIN = 1.12
 
     def __init__(self, per_second: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         if per_second <= 0:
             raise ValueError("per_second must be positive")
-        self.capacity = max(1, math.floor(per_second))
-        self.window = self.capacity / per_second * self.MARGIN
+        self.interval = self.MARGIN / per_second
         self._clock = clock
-        self._starts: deque[float] = deque()
+        self._next = 0.0
         self._lock = asyncio.Lock()
 
     async def acquire(self) -> None:
         async with self._lock:
-            while True:
-                now = self._clock()
-                while self._starts and now - self._starts[0] >= self.window:
-                    self._starts.popleft()
-                if len(self._starts) < self.capacity:
-                    self._starts.append(now)
-                    return
-                await asyncio.sleep(self.window - (now - self._starts[0]))
+            now = self._clock()
+            start = max(now, self._next)
+            self._next = start + self.interval
+            if start > now:
+                await asyncio.sleep(start - now)
 
 
 class CircuitBreaker:
