@@ -187,13 +187,14 @@ class SourceClient:
         for attempt in range(self.source.max_retries + 1):
             if attempt:
                 self.stats.retries += 1
-            if not self.breaker.allow():
-                raise _Failure(
-                    f"{self.name} unavailable: circuit open for {self.breaker.seconds_until_retry():.0f}s more "
-                    f"after repeated failures ({last})", unavailable=True)
             try:
                 async with self._slots:
                     await self._limiter.acquire()
+                    # Checked after queueing for a slot: the breaker may have opened meanwhile.
+                    if not self.breaker.allow():
+                        raise _Failure(
+                            f"{self.name} unavailable: circuit open for {self.breaker.seconds_until_retry():.0f}s "
+                            f"more after repeated failures ({last})", unavailable=True)
                     self.stats.requests += 1
                     response, body = await self._send(url)
             except httpx.TimeoutException:
