@@ -3,6 +3,7 @@ newest revision matches the schema the code declares, and concurrent starts are 
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from enrichment_assets.factstore import FactStore
+from enrichment_assets.factstore.engine import _switch_to_wal
 from enrichment_assets.factstore.migrations import VERSION_TABLE, head_revision
 from enrichment_assets.factstore.schema import metadata
 
@@ -94,3 +96,35 @@ def test_fact_store_version_table_leaves_dagsters_alone(empty_database_url: str)
     tables = set(sa.inspect(store.engine).get_table_names())
     assert VERSION_TABLE in tables
     assert "alembic_version" not in tables
+
+
+
+class _RacingCursor:
+    """A cursor whose WAL switch loses to other connections a few times, the way a new SQLite file
+    opened by several run workers at once does (SQLite fails the switch at once, without waiting)."""
+
+    def __init__(self, losses: int) -> None:
+        self.losses = losses
+        self.mode = "delete"
+
+    def execute(self, sql: str) -> "_RacingCursor":
+        if sql == "PRAGMA journal_mode=WAL":
+            if self.losses:
+                self.losses -= 1
+                raise sqlite3.OperationalError("database is locked")
+            self.mode = "wal"
+        return self
+
+    def fetchone(self) -> tuple[str]:
+        return (self.mode,)
+
+
+def test_sqlite_wal_switch_retries_while_another_connection_holds_the_new_file() -> None:
+    cursor = _RacingCursor(losses=3)
+    _switch_to_wal(cursor)  # type: ignore[arg-type]
+    assert (cursor.mode, cursor.losses) == ("wal", 0)
+
+
+def test_sqlite_wal_switch_gives_up_after_its_wait() -> None:
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _switch_to_wal(_RacingCursor(losses=10**6), wait=0.05)  # type: ignore[arg-type]

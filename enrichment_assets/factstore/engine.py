@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -43,13 +45,29 @@ def _serialize_sqlite_writers(engine: sa.Engine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA busy_timeout=60000")
-        # WAL is stored in the file; switching needs a lock another process may hold, so only the
-        # first connection to a new database switches.
-        if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            cursor.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
     @sa.event.listens_for(engine, "begin")
     def _begin(connection):  # type: ignore[no-untyped-def]
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _switch_to_wal(cursor: sqlite3.Cursor, wait: float = 60.0) -> None:
+    """Put the database file in WAL mode, waiting out connections that hold it meanwhile.
+
+    WAL is stored in the file, so only the first connection to a new database switches. The switch
+    needs an exclusive lock and SQLite reports "database is locked" at once rather than calling the
+    busy handler, so several processes opening a new file together retry here until one has switched.
+    """
+    deadline = time.monotonic() + wait
+    delay = 0.005
+    while cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
