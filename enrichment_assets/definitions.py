@@ -1,12 +1,42 @@
-"""The code location: composes assets and binds resources. No logic lives here."""
+"""The code location: composes assets, checks, jobs, the sensor and schedules from the policy file
+(``ENRICHMENT_POLICY``, the shipped MDS example by default) and binds resources. No logic lives here."""
 
 import dagster as dg
 
 from enrichment_assets.assets import fact_store_summary
-from enrichment_assets.resources import FactStoreResource
+from enrichment_assets.assets.branch import branch_types, build_branch, search_index_spec, source_specs
+from enrichment_assets.checks import build_checks
+from enrichment_assets.policy import Policy
+from enrichment_assets.resources import FactStoreResource, SearchResource, SourcesResource
+from enrichment_assets.schedules import build_schedules
+from enrichment_assets.sensors import build_sensor, job_name
+from enrichment_assets.settings import Settings
 
-defs = dg.Definitions(
-    assets=[fact_store_summary],
-    resources={"fact_store": FactStoreResource()},
-    executor=dg.in_process_executor,
-)
+
+def build_definitions(policy: Policy) -> dg.Definitions:
+    types = branch_types(policy)
+    jobs = [
+        dg.define_asset_job(job_name(t), selection=dg.AssetSelection.groups(t),
+                            description=f"Enrich one partition of {t}: candidates, hydration, edges, index.")
+        for t in types
+    ]
+    checks = build_checks(policy)
+    checks_job = dg.define_asset_job("enrichment_checks", selection=dg.AssetSelection.checks(*checks),
+                                     description="Every staleness, quarantine and search-index check.")
+    return dg.Definitions(
+        assets=[
+            *source_specs(policy),
+            *[asset for t in types for asset in build_branch(policy, t)],
+            search_index_spec(policy),
+            fact_store_summary,
+        ],
+        asset_checks=checks,
+        jobs=[*jobs, checks_job],
+        sensors=[build_sensor(policy, jobs)],
+        schedules=build_schedules(policy, jobs, checks_job),
+        resources={"fact_store": FactStoreResource(), "sources": SourcesResource(), "search": SearchResource()},
+        executor=dg.in_process_executor,
+    )
+
+
+defs = build_definitions(Settings.from_env().policy)  # type: ignore[arg-type]

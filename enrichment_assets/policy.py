@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import date, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -132,7 +132,9 @@ class EdgeRule(_Model):
 
 
 class Defaults(_Model):
+    # The Dagster partitions: windows of first_seen_at, from partition_start on.
     partition_granularity: Literal["hour", "day"] = "day"
+    partition_start: date = date(2026, 1, 1)
     staleness_budget: Duration = timedelta(hours=1)
     refresh_interval: Duration = timedelta(days=1)
     hydration_ttl: Duration = timedelta(minutes=10)
@@ -226,6 +228,17 @@ class Policy(_Model):
         for ref_name in rule.path:
             current = self.entity_types[current].references[ref_name].type
         return current
+
+    def sources_touched(self, entity_type: str) -> list[str]:
+        """The source systems one enrichment of ``entity_type`` may call: its own, and the owner of
+        every type its policy paths pass through. Sorted."""
+        touched = {self.entity_types[entity_type].source}
+        for rule in self.effective(entity_type).edges:
+            current = entity_type
+            for ref_name in rule.path:
+                current = self.entity_types[current].references[ref_name].type
+                touched.add(self.entity_types[current].source)
+        return sorted(touched)
 
     @cached_property
     def entity_type_names(self) -> frozenset[str]:

@@ -120,3 +120,29 @@ def versions(conn: sa.Connection) -> Iterator[tuple[str, str, int, str]]:
         sa.select(entities.c.entity_type, entities.c.entity_id, entities.c.doc_version, entities.c.state)
         .order_by(entities.c.entity_type, entities.c.entity_id)
     )
+
+
+def behind(conn: sa.Connection, keys: Sequence[EntityKey]) -> set[EntityKey]:
+    """The keys whose search document is behind the fact store (still in the outbox)."""
+    found: set[EntityKey] = set()
+    for chunk in _chunks(list(keys)):
+        found.update(
+            tuple(row)  # type: ignore[misc]
+            for row in conn.execute(
+                sa.select(entities.c.entity_type, entities.c.entity_id).where(
+                    _key_in(entities, "entity_type", "entity_id", chunk),
+                    entities.c.indexed_version < entities.c.doc_version,
+                )
+            )
+        )
+    return found
+
+
+def backlog_counts(conn: sa.Connection) -> dict[str, int]:
+    """Outbox size per entity type."""
+    rows = conn.execute(
+        sa.select(entities.c.entity_type, sa.func.count())
+        .where(entities.c.indexed_version < entities.c.doc_version)
+        .group_by(entities.c.entity_type)
+    )
+    return {etype: count for etype, count in rows}

@@ -25,6 +25,7 @@ def lease(
     limit: int,
     owner: str,
     expires: datetime,
+    attempts: sa.ColumnElement[Any] | None = None,
 ) -> list[Claim]:
     # PostgreSQL: SKIP LOCKED lets concurrent claimers pass over each other's rows instead of
     # queueing on them. SQLite: the whole transaction holds the single write lock (BEGIN IMMEDIATE).
@@ -39,7 +40,8 @@ def lease(
     stmt = (
         sa.update(entities)
         .where(entities.c.entity_type == entity_type, chosen)
-        .values(claim_owner=owner, claim_expires_at=expires, attempts=entities.c.attempts + 1)
+        .values(claim_owner=owner, claim_expires_at=expires,
+                attempts=entities.c.attempts + 1 if attempts is None else attempts)
         .returning(
             entities.c.entity_type,
             entities.c.entity_id,

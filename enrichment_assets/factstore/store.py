@@ -138,6 +138,7 @@ class FactStore:
         lease: timedelta,
         window: tuple[datetime, datetime] | None = None,
         refresh_before: datetime | None = None,
+        force: bool = False,
     ) -> list[Claim]:
         """Lease up to ``limit`` due candidates of one type to ``owner``, oldest due first.
 
@@ -146,6 +147,10 @@ class FactStore:
         enriched before it.
         ``window`` restricts to entities first seen in ``[start, end)``. Rows leased to someone else are
         skipped until their lease expires, so concurrent callers never get the same entity.
+
+        ``force`` (a backfill recomputing its slice) leases every entity of the window whatever its
+        state or schedule, except tombstones already processed; quarantined entities start their
+        attempts afresh, since an operator asked for them again.
         """
         if not owner:
             raise ClaimError("a claim needs a non-empty owner")
@@ -156,6 +161,8 @@ class FactStore:
         if window is not None:
             scope += [entities.c.first_seen_at >= window[0], entities.c.first_seen_at < window[1]]
         free = sa.or_(entities.c.claim_owner.is_(None), entities.c.claim_expires_at <= now)
+        if force:
+            return self._claim_all(scope, entity_type, limit=limit, owner=owner, expires=now + lease, free=free)
         with self.engine.begin() as conn:
             claims = queue.lease(
                 conn,
@@ -183,6 +190,25 @@ class FactStore:
                     expires=now + lease,
                 )
         return claims
+
+    def _claim_all(self, scope: list[sa.ColumnElement[bool]], entity_type: str, *, limit: int, owner: str,
+                   expires: datetime, free: sa.ColumnElement[bool]) -> list[Claim]:
+        unprocessed_tombstone = sa.and_(
+            entities.c.state == EntityState.DELETED.value, entities.c.next_attempt_at.is_not(None)
+        )
+        with self.engine.begin() as conn:
+            return queue.lease(
+                conn,
+                entity_type,
+                [*scope, sa.or_(entities.c.state != EntityState.DELETED.value, unprocessed_tombstone), free],
+                order_by=entities.c.entity_id,
+                limit=limit,
+                owner=owner,
+                expires=expires,
+                attempts=sa.case(
+                    (entities.c.state == EntityState.QUARANTINED.value, 1), else_=entities.c.attempts + 1
+                ),
+            )
 
     def finish(self, owner: str, outcomes: Sequence[Outcome], retry: RetryPolicy) -> FinishResult:
         """Record the outcomes of claimed entities, their derived edges and what partial ones wait on,
@@ -378,6 +404,15 @@ class FactStore:
         with self.engine.begin() as conn:
             outbox.requeue(conn, keys)
 
+    def index_behind(self, keys: Sequence[EntityKey]) -> set[EntityKey]:
+        """Which of ``keys`` are still waiting in the search outbox."""
+        with self.engine.connect() as conn:
+            return outbox.behind(conn, keys)
+
+    def index_backlog_counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return outbox.backlog_counts(conn)
+
     def document_versions(self) -> Iterator[tuple[str, str, int, str]]:
         """(type, id, doc_version, state) of every entity, in key order."""
         with self.engine.connect() as conn:
@@ -441,6 +476,31 @@ class FactStore:
             utc_wall = sa.func.timezone("UTC", entities.c.first_seen_at)
             return sa.func.date_trunc(granularity, utc_wall).label("window_start")
         return sa.func.strftime(_SQLITE_TRUNC[granularity], entities.c.first_seen_at).label("window_start")
+
+    def ages(self, entity_type: str, window: tuple[datetime, datetime] | None = None) -> list[float]:
+        """Staleness in seconds of every live entity of a type (optionally first seen in ``window``),
+        ascending: time since last enriched, or since first seen for one never enriched yet."""
+        now = self._clock()
+        stmt = sa.select(entities.c.first_seen_at, entities.c.last_enriched_at).where(
+            entities.c.entity_type == entity_type, entities.c.state != EntityState.DELETED.value
+        )
+        if window is not None:
+            stmt = stmt.where(entities.c.first_seen_at >= window[0], entities.c.first_seen_at < window[1])
+        with self.engine.connect() as conn:
+            return sorted(
+                max((now - _as_utc(enriched or seen)).total_seconds(), 0.0) for seen, enriched in conn.execute(stmt)
+            )
+
+    def quarantined(self, entity_type: str, *, limit: int = 10) -> tuple[int, list[tuple[str, str | None]]]:
+        """How many entities of a type are quarantined, and the first ``limit`` of them with their error."""
+        where = [entities.c.entity_type == entity_type, entities.c.state == EntityState.QUARANTINED.value]
+        with self.engine.connect() as conn:
+            count = conn.execute(sa.select(sa.func.count()).where(*where)).scalar_one()
+            sample = conn.execute(
+                sa.select(entities.c.entity_id, entities.c.last_error).where(*where)
+                .order_by(entities.c.entity_id).limit(limit)
+            ).all()
+        return count, [(entity_id, error) for entity_id, error in sample]
 
     def get_entity(self, entity_type: str, entity_id: str) -> EntityRecord | None:
         with self.engine.connect() as conn:

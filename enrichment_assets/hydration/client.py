@@ -88,7 +88,12 @@ class SourceClient:
         environ: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
+        rate_share: float = 1.0,
     ) -> None:
+        """``rate_share`` is the fraction of the source's requests/second this client may use, when
+        several processes call the same source at once (see ``SourcePool``)."""
+        if not 0 < rate_share <= 1:
+            raise ValueError(f"rate_share must be in (0, 1], not {rate_share}")
         env = os.environ if environ is None else environ
         self.name = name
         self.source = source
@@ -103,7 +108,7 @@ class SourceClient:
             limits=httpx.Limits(max_connections=source.max_concurrency, max_keepalive_connections=source.max_concurrency),
             transport=transport,
         )
-        self._limiter = RateLimiter(source.requests_per_second)
+        self._limiter = RateLimiter(source.requests_per_second * rate_share)
         self._slots = asyncio.Semaphore(source.max_concurrency)
         self.breaker = CircuitBreaker(source.circuit_failure_threshold, source.circuit_reset.total_seconds())
         self._rng = rng or random.Random()

@@ -15,7 +15,8 @@ from enrichment_assets.policy import Policy
 class SourcePool:
     """``async with SourcePool(policy) as pool: await pool.fetch("team", ids)``.
 
-    ``transports`` lets a test hand one source an ``httpx.MockTransport``.
+    ``transports`` lets a test hand one source an ``httpx.MockTransport``. ``rate_shares`` gives a
+    source's client only part of its requests/second, for processes that call it at the same time.
     """
 
     def __init__(
@@ -24,10 +25,12 @@ class SourcePool:
         *,
         environ: Mapping[str, str] | None = None,
         transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+        rate_shares: Mapping[str, float] | None = None,
     ) -> None:
         self.policy = policy
         self.clients = {
-            name: SourceClient(name, source, environ=environ, transport=(transports or {}).get(name))
+            name: SourceClient(name, source, environ=environ, transport=(transports or {}).get(name),
+                               rate_share=(rate_shares or {}).get(name, 1.0))
             for name, source in policy.sources.items()
         }
 

@@ -67,6 +67,17 @@ class WalkReport:
 
 
 @dataclass
+class Walk:
+    """A walked batch before it is settled: each root's outcome, and the hop entities whose stored
+    attributes the walk changed (their other referrers must be re-walked)."""
+
+    entity_type: str
+    outcomes: list[Outcome]
+    report: WalkReport
+    changed_hops: tuple[EntityKey, ...] = ()
+
+
+@dataclass
 class _RootState:
     claim: Claim
     edges: dict[tuple[str, str, str], DerivedEdge] = field(default_factory=dict)
@@ -84,6 +95,12 @@ class Walker:
         self.pool = pool
 
     async def run(self, entity_type: str, claims: Sequence[Claim], *, owner: str) -> WalkReport:
+        """Walk a claimed batch and settle it: the whole enrichment of one batch."""
+        return await self.settle(await self.walk(entity_type, claims), owner=owner)
+
+    async def walk(self, entity_type: str, claims: Sequence[Claim]) -> Walk:
+        """Hydrate the claimed roots and every hop of their paths, store the hops' hydrations and
+        references, and decide each root's outcome. Nothing about the roots is written yet."""
         effective = self.policy.effective(entity_type)
         report = WalkReport(entity_type, claimed=len(claims))
         memo: dict[EntityKey, Fetched] = {}
@@ -101,14 +118,22 @@ class Walker:
         now = self.store.now()
         outcomes = [self._outcome(state, memo[key], now) for key, state in roots.items()]
         outcomes += [Outcome.of(c, "deleted") for c in claims if c.state == "deleted"]
+        return Walk(entity_type, outcomes, report, tuple(changed_hops))
+
+    async def settle(self, walk: Walk, *, owner: str) -> WalkReport:
+        """Record a walk's outcomes with their edges and release the claims (one transaction), then make
+        the settled roots whose paths went through a changed entity due again."""
+        effective = self.policy.effective(walk.entity_type)
         retry = RetryPolicy(max_attempts=effective.max_attempts, base_delay=effective.retry_base_delay,
                             max_delay=effective.retry_max_delay)
-        report.result = await asyncio.to_thread(self.store.finish, owner, outcomes, retry)
-        changed = [*changed_hops, *report.result.attributes_changed]
+        report = walk.report
+        report.result = await asyncio.to_thread(self.store.finish, owner, walk.outcomes, retry)
+        roots = {o.key for o in walk.outcomes}
+        changed = [*walk.changed_hops, *report.result.attributes_changed]
         if changed:
             stale = await asyncio.to_thread(affected_roots, self.store, self.policy, changed)
-            report.propagated = await asyncio.to_thread(self.store.mark_dirty, stale - {c.key for c in claims})
-        report.changed = {c.key for c in claims if c.key not in report.result.lost}
+            report.propagated = await asyncio.to_thread(self.store.mark_dirty, stale - roots)
+        report.changed = roots - set(report.result.lost)
         for change in report.result.edge_changes:
             report.changed.update(change.ends)
         return report

@@ -1,0 +1,116 @@
+"""``uncached_entities_sensor``: turns due work in the fact store into one run per (type, partition)."""
+
+# No `from __future__ import annotations` here: Dagster inspects annotations at runtime.
+
+import json
+import os
+from collections.abc import Iterable
+
+from typing import Any
+
+import dagster as dg
+
+from enrichment_assets.assets.branch import INCREMENTAL, MODE_TAG, TRIGGER_TAG, branch_types
+from enrichment_assets.factstore import DueWork, FactStore
+from enrichment_assets.partitions import partition_key
+from enrichment_assets.policy import Policy
+from enrichment_assets.resources import FactStoreResource
+
+IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+             dg.DagsterRunStatus.STARTED]
+
+
+def job_name(entity_type: str) -> str:
+    return f"{entity_type}_enrichment"
+
+
+def in_flight(instance: dg.DagsterInstance, job_names: Iterable[str]) -> set[tuple[str, str]]:
+    """(job, partition) of every run queued or running for the given jobs."""
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=None, statuses=IN_FLIGHT))
+    names = set(job_names)
+    return {(r.job_name, r.tags.get("dagster/partition", "")) for r in runs if r.job_name in names}
+
+
+def due_requests(
+    store: FactStore,
+    policy: Policy,
+    instance: dg.DagsterInstance,
+    *,
+    trigger: str,
+    refresh: bool = False,
+    key_suffix: str = "",
+    limit: int,
+    skip_keys: dict[str, str] | None = None,
+    entity_types: Iterable[str] | None = None,
+) -> tuple[list[dg.RunRequest], dict[str, str], list[DueWork]]:
+    """Run requests for the (type, partition) pairs with due work, oldest window first.
+
+    A pair with a run already queued or running is left to that run. Returns the requests, the run key
+    chosen for every pair due (requested or not), and the due work that falls before the first partition.
+    """
+    types = [t for t in branch_types(policy) if entity_types is None or t in set(entity_types)]
+    intervals = {t: policy.effective(t).refresh_interval for t in types} if refresh else None
+    due = [w for w in store.due_work(granularity=policy.defaults.partition_granularity,
+                                     refresh_intervals=intervals) if w.entity_type in types]
+    busy = in_flight(instance, [job_name(t) for t in types])
+    requests: list[dg.RunRequest] = []
+    keys: dict[str, str] = {}
+    orphans: list[DueWork] = []
+    for work in due:
+        partition = partition_key(policy, work.window_start)
+        if partition is None:
+            orphans.append(work)
+            continue
+        pair = f"{work.entity_type}|{partition}"
+        run_key = f"{pair}|{work.oldest_due_at.isoformat()}|{work.due}{key_suffix}"
+        keys[pair] = run_key
+        if (job_name(work.entity_type), partition) in busy or (skip_keys or {}).get(pair) == run_key:
+            continue
+        if len(requests) >= limit:
+            continue
+        requests.append(dg.RunRequest(
+            run_key=run_key,
+            job_name=job_name(work.entity_type),
+            partition_key=partition,
+            tags={MODE_TAG: INCREMENTAL, TRIGGER_TAG: trigger, "entity_type": work.entity_type},
+        ))
+    return requests, keys, orphans
+
+
+def build_sensor(policy: Policy, jobs: list[Any]) -> dg.SensorDefinition:
+    interval = int(os.environ.get("ENRICHMENT_SENSOR_INTERVAL_SECONDS", "30"))
+    max_runs = int(os.environ.get("ENRICHMENT_SENSOR_MAX_RUNS", "8"))
+
+    @dg.sensor(
+        name="uncached_entities_sensor",
+        jobs=jobs,
+        minimum_interval_seconds=interval,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Requests one incremental run per (entity type, partition) with due work: new uncached "
+        "entities, partial ones due for retry, and those whose forward references have arrived. The run "
+        "key names the due set, so a repeated tick launches nothing; a pair with a run in flight is left "
+        f"to it; at most {max_runs} runs per tick (ENRICHMENT_SENSOR_MAX_RUNS).",
+    )
+    def uncached_entities_sensor(context: dg.SensorEvaluationContext,
+                                 fact_store: FactStoreResource) -> dg.SensorResult:
+        store = fact_store.store
+        woken = store.wake_waiters()
+        previous = json.loads(context.cursor) if context.cursor else {}
+        requests, keys, orphans = due_requests(
+            store, policy, context.instance, trigger="sensor", limit=max_runs,
+            skip_keys=previous.get("requested", {}),
+        )
+        if orphans:
+            context.log.warning(f"{sum(w.due for w in orphans)} due entities were first seen before "
+                                f"partition_start ({policy.defaults.partition_start}); move it back to enrich them")
+        requested = {k: v for k, v in previous.get("requested", {}).items() if k in keys}
+        requested.update({r.run_key.rsplit("|", 2)[0]: r.run_key for r in requests})  # type: ignore[union-attr]
+        cursor = json.dumps({"requested": requested, "woken": woken}, sort_keys=True)
+        if not requests:
+            reason = ("nothing is due" if not keys else
+                      f"{len(keys)} (type, partition) pairs are due but already have a run in flight or requested")
+            return dg.SensorResult(skip_reason=reason, cursor=cursor)
+        context.log.info(f"requesting {len(requests)} runs ({woken} waiters woken)")
+        return dg.SensorResult(run_requests=requests, cursor=cursor)
+
+    return uncached_entities_sensor
