@@ -85,6 +85,8 @@ DERIVED_EDGES: Mapping[str, Mapping[str, tuple[str, ...]]] = {
     },
     "pipeline_run": {"evaluated_in": ("ab_tests",), "read": ("inputs",)},
     "feature": {"derived_from": ("dataset",)},
+    "model": {"owned_by_team": ("owner", "team")},
+    "user": {"member_of": ("team",)},
 }
 
 

@@ -1,0 +1,164 @@
+"""Run the code location under a real Dagster instance: webserver and daemon as child processes.
+
+``LocalDagster`` is what ``make demo``, the Dagster end-to-end tests and ``bench/staleness.py`` use. It
+writes ``$DAGSTER_HOME/dagster.yaml`` (SQLite storage there unless PostgreSQL settings are given, one
+hydration step per source pool, telemetry off), starts ``dagster-webserver`` and ``dagster-daemon`` in
+their own process group with default signal handling (a shell's ignored SIGINT is not inherited), and
+stops the whole group when done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import yaml
+
+from enrichment_assets.devservers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCATION = "enrichment_assets"
+
+
+def instance_config(*, max_concurrent_runs: int = 4, postgres_url: str | None = None) -> dict[str, Any]:
+    """``dagster.yaml`` for a local instance. Every pool (one per source system, see the branch
+    factory) admits one hydration step at a time across all runs."""
+    config: dict[str, Any] = {
+        "telemetry": {"enabled": False},
+        "concurrency": {
+            "runs": {"max_concurrent_runs": max_concurrent_runs},
+            "pools": {"default_limit": 1},
+        },
+        # Dagster's own code-server heartbeat is slow to notice a run worker killed with its group.
+        "run_monitoring": {"enabled": True, "start_timeout_seconds": 180},
+    }
+    if postgres_url:
+        config["storage"] = {"postgres": {"postgres_url": postgres_url}}
+    return config
+
+
+class LocalDagster:
+    """``with LocalDagster(home, env) as dagster: dagster.graphql(query)``."""
+
+    def __init__(
+        self,
+        home: Path,
+        env: Mapping[str, str],
+        *,
+        port: int | None = None,
+        max_concurrent_runs: int = 4,
+        postgres_url: str | None = None,
+        workspace: Path = ROOT / "workspace.yaml",
+    ) -> None:
+        self.home = Path(home).resolve()
+        self.port = port or free_port()
+        self.env = {**os.environ, **env, "DAGSTER_HOME": str(self.home)}
+        self.max_concurrent_runs = max_concurrent_runs
+        self.postgres_url = postgres_url
+        self.workspace = workspace
+        self._processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, timeout: float = 120) -> LocalDagster:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "dagster.yaml").write_text(yaml.safe_dump(
+            instance_config(max_concurrent_runs=self.max_concurrent_runs, postgres_url=self.postgres_url)))
+        bin_dir = Path(sys.executable).parent
+        commands = {
+            "webserver": [str(bin_dir / "dagster-webserver"), "-w", str(self.workspace), "-h", "127.0.0.1",
+                          "-p", str(self.port)],
+            "daemon": [str(bin_dir / "dagster-daemon"), "run", "-w", str(self.workspace)],
+        }
+        for name, command in commands.items():
+            log = (self.home / f"{name}.log").open("ab")
+            self._processes.append(subprocess.Popen(
+                command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_default_signals,
+            ))
+        try:
+            self.wait_loaded(timeout=timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_loaded(self, *, timeout: float) -> None:
+        """Until the webserver answers and the code location is loaded (not an error)."""
+        deadline = time.monotonic() + timeout
+        query = "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
+        query += "locationOrLoadError { __typename ... on PythonError { message } } } } } }"
+        last = "not answering"
+        while time.monotonic() < deadline:
+            for process, name in zip(self._processes, ("webserver", "daemon"), strict=True):
+                if process.poll() is not None:
+                    raise RuntimeError(f"dagster {name} exited ({process.returncode}); see {self.home / (name + '.log')}")
+            try:
+                entries = self.graphql(query)["workspaceOrError"]["locationEntries"]
+                entry = next(e for e in entries if e["name"] == LOCATION)
+                if entry["loadStatus"] == "LOADED":
+                    if entry["locationOrLoadError"]["__typename"] == "PythonError":
+                        raise RuntimeError(f"the code location failed to load: {entry['locationOrLoadError']['message']}")
+                    return
+                last = entry["loadStatus"]
+            except (httpx.HTTPError, StopIteration, KeyError, TypeError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"Dagster did not load {LOCATION} within {timeout:.0f}s ({last}); see {self.home}/*.log")
+
+    def graphql(self, query: str, variables: Mapping[str, Any] | None = None, *, timeout: float = 60) -> dict[str, Any]:
+        response = httpx.post(f"{self.url}/graphql", json={"query": query, "variables": dict(variables or {})},
+                              timeout=timeout)
+        response.raise_for_status()
+        body = response.json()
+        if body.get("errors"):
+            raise RuntimeError(f"GraphQL errors: {json.dumps(body['errors'])[:2000]}")
+        return body["data"]
+
+    def stop(self) -> None:
+        """SIGINT to each group (Dagster shuts its children down), then SIGKILL what is left."""
+        for process in self._processes:
+            if process.poll() is None:
+                _signal_group(process, signal.SIGINT)
+        deadline = time.monotonic() + 20
+        for process in self._processes:
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(process, signal.SIGKILL)  # run workers it launched live in the same group
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self._processes = []
+
+    def __enter__(self) -> LocalDagster:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
