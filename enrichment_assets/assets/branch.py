@@ -140,7 +140,7 @@ def _mode(context: dg.AssetExecutionContext) -> str:
 
 
 def _owner(context: dg.AssetExecutionContext) -> str:
-    return f"dagster:{context.run_id}"
+    return f"dagster:{context.run.run_id}"
 
 
 def _claims(frame: pd.DataFrame) -> list[Claim]:
