@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job: ingest a demo batch through the real API and show the fact store's state.
+## The main job: sources, API, Dagster (webserver + daemon) enriching via the sensor; UI on :3000 until Ctrl-C.
+## DEMO_EXIT=1 make demo exits once the summary is printed.
 demo: $(STAMP)
 	$(BIN)/enrichment demo
 

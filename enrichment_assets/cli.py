@@ -246,9 +246,12 @@ def reconcile(exact: bool, repair: bool) -> None:
 
 @main.command()
 def demo() -> None:
-    """Run the quick start: the simulated MDS sources, ingestion over HTTP, enrichment, the graph.
+    """The main job: simulated MDS sources, ingestion over HTTP, Dagster enriching, the graph, the UI.
 
-    Uses ENRICHMENT_DATABASE_URL (default: the embedded SQLite file) and the shipped MDS policy.
+    Starts every server it needs (an embedded PostgreSQL unless ENRICHMENT_DATABASE_URL is set, the
+    Elasticsearch-compatible server unless ELASTICSEARCH_URL is set, Dagster with
+    DAGSTER_HOME=.enrichment/dagster) and keeps the Dagster UI up until Ctrl-C; DEMO_EXIT=1 exits
+    once the summary is printed.
     """
     from enrichment_assets.demo import run_demo
 

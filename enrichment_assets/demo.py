@@ -1,57 +1,51 @@
-"""The quick-start demo: thin events in over HTTP, enrichment against the simulated sources, the
-graph, search and staleness out.
+"""The main job, ``make demo``: thin events in over HTTP, Dagster enriching them, the graph, search and
+staleness out, and the Dagster UI left up to browse.
 
-It starts the source simulator, an Elasticsearch-compatible server (unless ELASTICSEARCH_URL is set)
-and the API on free local ports, sends the simulator's thin events through the API (first a batch with
-one bad line, which is rejected whole), indexes them as pending, runs enrichment cycles (re-indexing
-as it goes) until nothing is due, and prints the store's state, the derived edges, one entity's
-multi-hop answers with their provenance, ingest-to-enriched times, and a search hit and its edges read
-back through the API, each with its staleness.
+It starts a fact store (an embedded PostgreSQL unless ENRICHMENT_DATABASE_URL is set), the source
+simulator, an Elasticsearch-compatible server (unless ELASTICSEARCH_URL is set), the ingest/read API and
+Dagster (webserver + daemon, DAGSTER_HOME=.enrichment/dagster on SQLite), all on local ports. It sends the
+simulator's thin events through the API (first a batch with one bad line, which is rejected whole), then
+only watches: the sensor turns the new entities into runs of each type's branch. Once every entity is
+enriched (or partial for a stated reason) it prints the state, the derived edges, one entity's multi-hop
+answers, a search hit with its staleness and how long entities took from ingest to searchable, and
+leaves the UI up until Ctrl-C (``DEMO_EXIT=1`` exits instead). Every process it started stops with it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from enrichment_assets.api import create_app
 from enrichment_assets.api.server import BackgroundServer
 from enrichment_assets.console import console, humanize_seconds, status_table
-from enrichment_assets.devservers import LocalElasticsearch
+from enrichment_assets.devservers import LocalElasticsearch, LocalPostgres, free_port
 from enrichment_assets.factstore import FactStore
-from enrichment_assets.hydration.cycle import enrich_once
+from enrichment_assets.orchestration import LocalDagster
 from enrichment_assets.policy import Policy, load_policy
-from enrichment_assets.search import SearchIndex, sync_index
+from enrichment_assets.search import SearchIndex
+from enrichment_assets.sensors import IN_FLIGHT
 from enrichment_assets.settings import SHIPPED_POLICY, Settings
 from enrichment_assets.simulator.events import thin_events
 from enrichment_assets.simulator.server import simulator_server
 
 SCALE = 0.1
-DEMO_SEARCH_DIR = Path(".enrichment") / "elasticsearch"
-MAX_CYCLES = 8
-
-
-@contextmanager
-def _sources_at(environ: dict[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in environ}
-    os.environ.update(environ)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+STATE_DIR = Path(".enrichment")
+UI_PORT = 3000
+SENSOR_INTERVAL_SECONDS = 5
+WAIT_LIMIT_SECONDS = 900
+# A partially resolved entity is always waiting on a reference its source named that does not exist yet.
+SETTLED = ("fully_enriched", "partially_resolved", "deleted", "quarantined")
 
 
 def run_demo(settings: Settings) -> None:
@@ -59,26 +53,52 @@ def run_demo(settings: Settings) -> None:
     policy = load_policy(SHIPPED_POLICY)
     settings = replace(settings, policy=policy, policy_path=SHIPPED_POLICY, entity_types=policy.entity_type_names)
     out = console()
-    store = FactStore.from_url(settings.database_url)
-    store.migrate()
     out.rule("enrichment_assets demo")
-    out.print(f"fact store: [bold]{store.dialect}[/bold] (ENRICHMENT_DATABASE_URL to change)")
-    with _search_server(settings) as search_url, simulator_server(seed=7, scale=SCALE) as simulator, \
-            _sources_at(simulator.environ()):
+    with ExitStack() as stack:
+        database_url = stack.enter_context(_fact_store_database())
+        search_url = stack.enter_context(_search_server(settings))
+        simulator = stack.enter_context(simulator_server(seed=7, scale=SCALE))
+        settings = replace(settings, database_url=database_url, elasticsearch_url=search_url)
+        store = FactStore.from_url(database_url)
+        store.migrate()
+        stack.callback(store.dispose)
         index = SearchIndex.from_url(search_url, alias=settings.index_alias)
         index.ensure()
+        stack.callback(index.close)
+        api = stack.enter_context(BackgroundServer(create_app(store, settings, index)))
         graph = simulator.simulator.graph.snapshot()
-        out.print(f"source simulator on {simulator.url}: {sum(graph.counts().values()):,} entities in "
-                  f"{len(policy.sources)} source systems; search on {search_url}")
+        out.print(f"fact store: [bold]{store.dialect}[/bold]; sources: simulator on {simulator.url} "
+                  f"({sum(graph.counts().values()):,} entities, {len(policy.sources)} systems); search on {search_url}; "
+                  f"API on {api.url}")
+        dagster = stack.enter_context(_dagster(settings, simulator.environ()))
         events = list(thin_events(graph))
-        _ingest(store, settings, events)
-        pending = sync_index(store, policy, index)
-        out.print(f"search: {pending.indexed:,} documents indexed as [bold]pending[/bold] before any enrichment")
-        _enrich(store, policy, index, total=len(events))
+        ingested_at = _ingest(api.url, settings, events)
+        searchable = _wait(store, index, dagster, total=len(events), ingested_at=ingested_at)
         stats = httpx.get(simulator.url + "/admin/stats", timeout=10).json()["sources"]
-        _summary(store, policy, stats)
-        _reads(store, settings, policy, index)
-        index.close()
+        _summary(store, policy, stats, dagster)
+        _reads(api.url, settings, policy)
+        _latency(searchable)
+        _linger(dagster)
+
+
+@contextmanager
+def _fact_store_database() -> Iterator[str]:
+    """ENRICHMENT_DATABASE_URL when set; otherwise an embedded PostgreSQL for the length of the demo.
+
+    PostgreSQL rather than the SQLite quick-start file because several Dagster run workers write at
+    once, and row locks with SKIP LOCKED keep them out of each other's way where SQLite would take
+    turns on one file lock.
+    """
+    given = os.environ.get("ENRICHMENT_DATABASE_URL")
+    if given:
+        yield given
+        return
+    with _step("starting an embedded PostgreSQL for the fact store"):
+        server = LocalPostgres(STATE_DIR / "postgres", durable=True).start()
+    try:
+        yield server.url("postgres")
+    finally:
+        server.stop()
 
 
 @contextmanager
@@ -87,19 +107,66 @@ def _search_server(settings: Settings) -> Iterator[str]:
     if settings.elasticsearch_url:
         yield settings.elasticsearch_url
         return
-    with LocalElasticsearch(DEMO_SEARCH_DIR) as server:
+    with _step("starting the Elasticsearch-compatible server"):
+        server = LocalElasticsearch(STATE_DIR / "elasticsearch").start()
+    try:
         yield server.url
+    finally:
+        server.stop()
 
 
-def _ingest(store: FactStore, settings: Settings, events: list[dict[str, str]]) -> None:
+@contextmanager
+def _dagster(settings: Settings, sources_env: dict[str, str]) -> Iterator[LocalDagster]:
+    home = Path(os.environ.get("DAGSTER_HOME") or STATE_DIR / "dagster")
+    port = UI_PORT if _port_free(UI_PORT) else free_port()
+    env = {
+        **sources_env,
+        "ENRICHMENT_DATABASE_URL": settings.database_url,
+        "ELASTICSEARCH_URL": settings.elasticsearch_url or "",
+        "ENRICHMENT_INDEX_ALIAS": settings.index_alias,
+        "ENRICHMENT_POLICY": str(SHIPPED_POLICY),
+        "ENRICHMENT_SENSOR_INTERVAL_SECONDS": str(SENSOR_INTERVAL_SECONDS),
+    }
+    dagster = LocalDagster(home, env, port=port)
+    with _step(f"starting Dagster (webserver + daemon, DAGSTER_HOME={home})"):
+        dagster.start()
+    console().print(f"Dagster UI: [bold]{dagster.url}[/bold]"
+                    + ("" if port == UI_PORT else f" (port {UI_PORT} was taken)"))
+    try:
+        yield dagster
+    finally:
+        with _step("stopping Dagster"):
+            dagster.stop()
+
+
+@contextmanager
+def _step(description: str) -> Iterator[None]:
+    with Progress(SpinnerColumn(), TextColumn(description), TimeElapsedColumn(), console=console(),
+                  transient=True) as progress:
+        progress.add_task(description, total=None)
+        yield
+    console().print(f"[dim]{description}: done[/dim]")
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _ingest(api_url: str, settings: Settings, events: list[dict[str, str]]) -> float:
+    """Post the events through the API; returns when they were accepted (epoch seconds)."""
     out = console()
     headers = {"content-type": "application/x-ndjson"}
     if settings.api_token:
         headers["authorization"] = f"Bearer {settings.api_token}"
     body = "\n".join(json.dumps(e) for e in events)
-    with BackgroundServer(create_app(store, settings)) as server, httpx.Client(
-        base_url=server.url, headers=headers, timeout=60
-    ) as client:
+    with httpx.Client(base_url=api_url, headers=headers, timeout=60) as client:
         bad = body + '\n{"entity_type": "nope", "entity_id": "x", "event_type": "created"}'
         rejected = client.post("/v1/events", content=bad)
         problem = rejected.json()["problems"][0]
@@ -109,25 +176,62 @@ def _ingest(store: FactStore, settings: Settings, events: list[dict[str, str]]) 
         accepted = client.post("/v1/events", content=body)
         accepted.raise_for_status()
         out.print(f"POST /v1/events, {len(events):,} thin events -> [green]{accepted.status_code}[/green] in "
-                  f"{(time.time() - started) * 1000:.0f} ms; no source was called")
+                  f"{(time.time() - started) * 1000:.0f} ms; no source was called. The sensor takes it from here.")
+    return started
 
 
-def _enrich(store: FactStore, policy: Policy, index: SearchIndex, *, total: int) -> None:
-    with Progress(TextColumn("enriching"), BarColumn(), MofNCompleteColumn(), TextColumn("settled"),
+def _wait(store: FactStore, index: SearchIndex, dagster: LocalDagster, *, total: int,
+          ingested_at: float) -> list[float]:
+    """Watch the sensor's runs settle every entity; returns each entity's seconds from ingest to a
+    searchable enriched document (polled once a second, so to within about a second)."""
+    searchable: dict[str, float] = {}
+    deadline = time.monotonic() + WAIT_LIMIT_SECONDS
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("searchable"),
                   TimeElapsedColumn(), console=console()) as progress:
-        task = progress.add_task("enrich", total=total)
-        for _ in range(MAX_CYCLES):
-            enrich_once(store, policy)
-            sync_index(store, policy, index)
-            settled = sum(c for s in store.status() for state, c in s.counts.items()
-                          if state in ("fully_enriched", "deleted", "quarantined"))
-            progress.update(task, completed=min(settled, total))
-            if not store.due_work():
+        task = progress.add_task("Dagster runs enriching", total=total)
+        while True:
+            now = time.time()
+            index.refresh()
+            for doc_id in _enriched_documents(index):
+                searchable.setdefault(doc_id, now - ingested_at)
+            runs = _runs(dagster)
+            in_flight = sum(1 for r in runs if r["status"] in {s.value for s in IN_FLIGHT})
+            progress.update(task, completed=min(len(searchable), total),
+                            description=f"Dagster runs enriching ({len(runs)} runs, {in_flight} in flight)")
+            if _settled(store) >= total and not in_flight and not store.index_backlog(limit=1):
                 break
+            if time.monotonic() > deadline:
+                console().print(f"[yellow]still not settled after {WAIT_LIMIT_SECONDS}s; showing what there is. "
+                                f"Look at the runs in the Dagster UI ({dagster.url}/runs).[/yellow]")
+                break
+            time.sleep(1)
+    return sorted(searchable.values())
 
 
-def _summary(store: FactStore, policy: Policy, stats: dict) -> None:
+def _enriched_documents(index: SearchIndex) -> list[str]:
+    answer = index.client.search(index=index.alias, query={"term": {"state": "fully_enriched"}}, size=10_000,
+                                 source=False)
+    return [hit["_id"] for hit in answer["hits"]["hits"]]
+
+
+def _settled(store: FactStore) -> int:
+    """Entities that need nothing more: enriched, deleted, quarantined, or partial and waiting on a
+    reference that does not exist yet (which is why they are partial)."""
+    return sum(c for s in store.status() for state, c in s.counts.items() if state in SETTLED)
+
+
+def _runs(dagster: LocalDagster) -> list[dict[str, str]]:
+    query = "{ runsOrError(limit: 500) { ... on Runs { results { runId status jobName } } } }"
+    return dagster.graphql(query)["runsOrError"]["results"]
+
+
+def _summary(store: FactStore, policy: Policy, stats: dict, dagster: LocalDagster) -> None:
     out = console()
+    runs = _runs(dagster)
+    by_status: dict[str, int] = {}
+    for run in runs:
+        by_status[run["status"]] = by_status.get(run["status"], 0) + 1
+    out.print(f"Dagster ran {len(runs)} runs: " + ", ".join(f"{n} {status.lower()}" for status, n in sorted(by_status.items())))
     now = store.now()
     out.print(status_table(store.status(), now))
 
@@ -159,20 +263,14 @@ def _summary(store: FactStore, policy: Policy, stats: dict) -> None:
             out.print(f"  --{edge['relation']}--> {edge['dst_type']} {edge['dst_id']}   "
                       f"[dim]{'via ' + hops if hops else 'directly'}[/dim]")
 
-    lags = store.enrichment_lags()
-    if lags:
-        p50, p95 = lags[len(lags) // 2], lags[max(int(len(lags) * 0.95) - 1, 0)]
-        out.print(f"ingest -> fully enriched: p50 {p50:.1f} s, p95 {p95:.1f} s over {len(lags):,} entities")
 
 
-def _reads(store: FactStore, settings: Settings, policy: Policy, index: SearchIndex) -> None:
+def _reads(api_url: str, settings: Settings, policy: Policy) -> None:
     """What a user does next: search, then walk the edges of a hit, each answer with its staleness."""
     out = console()
-    index.refresh()
     root_type = max(policy.policies, key=lambda t: len(policy.effective(t).edges))
-    with BackgroundServer(create_app(store, settings, index)) as server, httpx.Client(
-        base_url=server.url, timeout=30
-    ) as client:
+    headers = {"authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
+    with httpx.Client(base_url=api_url, timeout=30, headers=headers) as client:
         [hit] = client.get("/v1/search", params={"q": "", "type": root_type, "size": 1}).json()["hits"]
         out.print(f"\nGET /v1/search?type={root_type} -> {hit['entity_id']} \"{hit['name']}\" "
                   f"state={hit['state']} staleness={hit['staleness_seconds']:.1f}s")
@@ -183,5 +281,28 @@ def _reads(store: FactStore, settings: Settings, policy: Policy, index: SearchIn
         out.print(f"GET /v1/entities/{root_type}/{hit['entity_id']}/edges -> {len(answer['edges'])} edges "
                   f"({', '.join(relations)}) in {elapsed:.1f} ms, staleness={answer['staleness_seconds']:.1f}s, "
                   f"partial={answer['partial']}")
-    out.print("Next: `.venv/bin/enrichment status`, `.venv/bin/enrichment serve` for the API, "
-              "`.venv/bin/enrichment simulate` to play the sources yourself.")
+
+
+def _latency(searchable: list[float]) -> None:
+    if not searchable:
+        return
+    p50 = searchable[len(searchable) // 2]
+    p95 = searchable[max(int(len(searchable) * 0.95) - 1, 0)]
+    console().print(f"ingest -> searchable and enriched: p50 {p50:.0f} s, p95 {p95:.0f} s, max {searchable[-1]:.0f} s "
+                    f"over {len(searchable):,} entities (sensor every {SENSOR_INTERVAL_SECONDS} s; "
+                    "each run pays Dagster's few seconds of launch)")
+
+
+def _linger(dagster: LocalDagster) -> None:
+    out = console()
+    lineage = f"{dagster.url}/locations/enrichment_assets/asset-groups/model_instance"
+    out.print(f"\nDagster UI: [bold]{dagster.url}[/bold]  lineage of one branch: {lineage}\n"
+              "Next: `.venv/bin/enrichment status`, `.venv/bin/enrichment search <words>`, a backfill from the UI "
+              "(it recomputes the partitions you pick).")
+    if os.environ.get("DEMO_EXIT"):
+        return
+    out.print("[bold]The UI stays up until Ctrl-C[/bold] (DEMO_EXIT=1 make demo exits here instead).")
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        out.print("stopping everything the demo started...")

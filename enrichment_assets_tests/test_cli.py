@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -75,15 +76,47 @@ def test_bad_configuration_is_a_clear_error(env: str, monkeypatch: pytest.Monkey
     assert "cannot read policy file" in result.output
 
 
-def test_demo_ingests_enriches_and_shows_the_graph(env: str) -> None:
-    result = CliRunner().invoke(main, ["demo"])
-    assert result.exit_code == 0, result.output
-    assert "-> 422" in result.output and "-> 202" in result.output
-    store = FactStore.from_url(env)
-    report = store.status()
-    assert len(report) == 8 and all(set(s.counts) == {"fully_enriched"} for s in report), report
-    assert sum(store.edge_counts().values()) > 1000
-    assert "derived through" not in result.output and "via " in result.output
+def test_demo_lets_dagster_enrich_everything_then_keeps_the_ui_up_until_ctrl_c(
+    tmp_path: Path, elasticsearch_url: str
+) -> None:
+    """``make demo`` as a user runs it: embedded fact store, simulator, webserver and daemon; the sensor
+    does the enriching. Ctrl-C stops every process it started."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ENRICHMENT_", "DAGSTER_", "DEMO_"))}
+    env.update({"ELASTICSEARCH_URL": elasticsearch_url, "ENRICHMENT_INDEX_ALIAS": f"demo-{tmp_path.name.lower()}",
+                "COLUMNS": "200"})
+    demo = subprocess.Popen([str(Path(sys.executable).parent / "enrichment"), "demo"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = []
+    try:
+        for line in demo.stdout:  # type: ignore[union-attr]
+            output.append(line)
+            if "stays up until Ctrl-C" in line:
+                break
+        text = "".join(output)
+        assert "stays up until Ctrl-C" in text, text
+        ui = re.search(r"Dagster UI: (http://127\.0\.0\.1:\d+)", text).group(1)  # type: ignore[union-attr]
+        assert httpx.get(f"{ui}/server_info", timeout=10).status_code == 200
+        demo.send_signal(signal.SIGINT)
+        rest, _ = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+    assert demo.returncode == 0, text + rest
+    assert "-> 422" in text and "-> 202" in text
+    assert re.search(r"Dagster ran \d+ runs: \d+ success$", text, re.MULTILINE), text
+    assert re.search(r"model_instance\s+│\s+0\s+│\s+0\s+│\s+1000\s+│", text), "all 1,000 instances enriched"
+    assert "--evaluated_in--> ab_test" in text and "via pipeline_run" in text
+    assert re.search(r"GET /v1/search\?type=model_instance -> \S+ .* state=fully_enriched staleness=", text)
+    assert re.search(r"ingest -> searchable and enriched: p50 \d+ s, p95 \d+ s", text)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{ui}/server_info", timeout=5)
 
 
 def test_search_reindex_reconcile_and_edges_commands(env: str, monkeypatch: pytest.MonkeyPatch,
