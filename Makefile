@@ -29,10 +29,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/claim.py
 	$(BIN)/python bench/enrich.py
+	$(BIN)/python bench/read.py
+	$(BIN)/python bench/reindex.py
+	$(BIN)/python bench/staleness.py
 
-## The Dagster UI on a local SQLite instance under .enrichment/dagster.
+## `dagster dev` on the SQLite instance under .enrichment/dagster, against ENRICHMENT_* / ELASTICSEARCH_URL
+## and the sources from your environment (`make demo` starts all of those for you instead).
 dev: $(STAMP)
-	mkdir -p .enrichment/dagster && touch .enrichment/dagster/dagster.yaml
+	$(BIN)/python -c 'from enrichment_assets.orchestration import write_instance_yaml; write_instance_yaml(".enrichment/dagster")'
 	DAGSTER_HOME=$(CURDIR)/.enrichment/dagster $(BIN)/dagster dev -w workspace.yaml
 
 clean:

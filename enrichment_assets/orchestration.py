@@ -46,6 +46,15 @@ def instance_config(*, max_concurrent_runs: int = 4, postgres_url: str | None = 
     return config
 
 
+def write_instance_yaml(home: Path | str, **kwargs: Any) -> Path:
+    """Write ``dagster.yaml`` for a local instance into ``home`` unless one is there already."""
+    path = Path(home) / "dagster.yaml"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(instance_config(**kwargs)))
+    return path
+
+
 class LocalDagster:
     """``with LocalDagster(home, env) as dagster: dagster.graphql(query)``."""
 
