@@ -84,7 +84,20 @@ def policy_tables(policy: Policy) -> list[Table]:
             edges.add_row(name, rule.relation, policy.edge_target_type(name, rule), " -> ".join(rule.path),
                           humanize_seconds(effective.staleness_budget.total_seconds()),
                           humanize_seconds(effective.refresh_interval.total_seconds()))
-    return [sources, types, edges]
+    branches = Table(title="Dagster branches (one per type with a policy)", title_justify="left")
+    for column in ("type", "pool", "calls sources", "budget", "refresh", "max attempts", "priority"):
+        branches.add_column(column)
+    for name in sorted(policy.entity_types):
+        if name not in policy.policies:
+            branches.add_row(name, "[yellow]no policy: hydrated only as a hop, never enriched itself[/yellow]",
+                             "", "", "", "", "")
+            continue
+        effective = policy.effective(name)
+        branches.add_row(name, f"source_{policy.entity_types[name].source}", ", ".join(policy.sources_touched(name)),
+                         humanize_seconds(effective.staleness_budget.total_seconds()),
+                         humanize_seconds(effective.refresh_interval.total_seconds()),
+                         str(effective.max_attempts), str(effective.priority))
+    return [sources, types, edges, branches]
 
 
 def cycle_table(reports: list, sources: dict[str, dict]) -> list[Table]:
