@@ -111,7 +111,7 @@ def test_cli_validate(tmp_path: Path) -> None:
     assert "Dagster branches" in ok.output and "source_model_registry" in ok.output
     things = CliRunner().invoke(main, ["policy", "validate", str(Path(__file__).parent / "policies" / "things.yaml")],
                                 env={"COLUMNS": "200"})
-    assert "no policy: hydrated only as a hop, never enriched itself" in things.output
+    assert "no policy: hydrated only as a hop" in " ".join(things.output.split())
     bad = tmp_path / "bad.yaml"
     bad.write_text(MDS.replace("type: ab_test}", "type: ab_tst}"))
     result = CliRunner().invoke(main, ["policy", "validate", str(bad)])
