@@ -158,6 +158,27 @@ def test_edges_endpoint_reports_provenance_staleness_and_partial(store: FactStor
         assert client.get("/v1/search", params={"q": "x"}).status_code == 503, "search not configured"
 
 
+def test_edges_into_a_hub_page_with_a_total(store: FactStore, clock) -> None:
+    from enrichment_assets.factstore import DerivedEdge
+
+    store.ingest_events([Event(entity_type="thing", entity_id=f"s{i}", event_type="created") for i in range(5)]
+                        + [Event(entity_type="other", entity_id="hub", event_type="created")])
+    claims = store.claim("thing", limit=10, owner="w", lease=timedelta(minutes=1))
+    store.finish("w", [Outcome.of(c, "enriched", attributes={},
+                                  edges=(DerivedEdge("near", "other", "hub", (c.key, ("other", "hub"))),))
+                       for c in claims], RetryPolicy())
+    with serve(store) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+        into = client.get("/v1/entities/other/hub/edges", params={"direction": "in", "limit": 3}).json()
+        assert (into["direction"], into["total"], into["truncated"]) == ("in", 5, True)
+        assert [e["src_id"] for e in into["edges"]] == ["s0", "s1", "s2"]
+        assert all(e["dst_id"] == "hub" for e in into["edges"])
+        out = client.get("/v1/entities/other/hub/edges").json()
+        assert (out["edges"], out["total"], out["truncated"]) == ([], 0, False)
+        assert client.get("/v1/entities/other/hub/edges", params={"direction": "sideways"}).status_code == 400
+        assert client.get("/v1/entities/other/hub/edges", params={"limit": "0"}).status_code == 400
+        assert client.get("/v1/entities/other/hub/edges", params={"limit": "lots"}).status_code == 400
+
+
 def test_search_endpoint_answers_with_state_and_staleness(store: FactStore, search_index, clock) -> None:
     from enrichment_assets.policy import load_policy
     from enrichment_assets.search import sync_index

@@ -25,6 +25,10 @@ from enrichment_assets.factstore.models import EntityRecord, IngestResult
 from enrichment_assets.search import SearchIndex
 from enrichment_assets.settings import Settings
 
+# Edges per answer by default and at most; a hub with more says `truncated` and its `total`.
+EDGE_LIMIT = 1000
+MAX_EDGE_LIMIT = 10_000
+
 log = logging.getLogger(__name__)
 
 
@@ -102,7 +106,18 @@ def create_app(store: FactStore, settings: Settings, search: SearchIndex | None 
         entity_type = request.path_params["entity_type"]
         entity_id = request.path_params["entity_id"]
         relation = request.query_params.get("relation") or None
-        record, edges = await run_in_threadpool(_entity_and_edges, store, entity_type, entity_id, relation)
+        direction = request.query_params.get("direction", "out")
+        if direction not in ("out", "in"):
+            return JSONResponse({"error": "direction must be 'out' (edges from the entity) or 'in' (edges into it)"},
+                                status_code=400)
+        try:
+            limit = int(request.query_params.get("limit", str(EDGE_LIMIT)))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= MAX_EDGE_LIMIT:
+            return JSONResponse({"error": f"limit must be an integer from 1 to {MAX_EDGE_LIMIT}"}, status_code=400)
+        record, edges, total = await run_in_threadpool(
+            _entity_and_edges, store, entity_type, entity_id, relation, direction, limit)
         if record is None:
             return JSONResponse({"error": f"no entity {entity_type}/{entity_id} in the fact store"}, status_code=404)
         now = store.now()
@@ -114,8 +129,12 @@ def create_app(store: FactStore, settings: Settings, search: SearchIndex | None 
             "staleness_seconds": record.staleness_seconds(now),
             # Partial: some paths wait on entities not there yet, so these edges may be incomplete.
             "partial": record.state == "partially_resolved",
+            "direction": direction,
+            "total": total,
+            "truncated": total > len(edges),
             "edges": [
-                {"relation": e["relation"], "dst_type": e["dst_type"], "dst_id": e["dst_id"], "kind": e["kind"],
+                {"relation": e["relation"], "src_type": e["src_type"], "src_id": e["src_id"],
+                 "dst_type": e["dst_type"], "dst_id": e["dst_id"], "kind": e["kind"],
                  "confidence": e["confidence"], "policy": e["policy"], "path": e["path"],
                  "asserted_at": _iso(e["asserted_at"]), "confirmed_at": _iso(e["confirmed_at"])}
                 for e in edges
@@ -192,10 +211,15 @@ def _staleness(last_enriched_at: str | None, now: datetime) -> float | None:
 
 
 def _entity_and_edges(
-    store: FactStore, entity_type: str, entity_id: str, relation: str | None
-) -> tuple[EntityRecord | None, list[dict[str, Any]]]:
+    store: FactStore, entity_type: str, entity_id: str, relation: str | None, direction: str, limit: int
+) -> tuple[EntityRecord | None, list[dict[str, Any]], int]:
     record = store.get_entity(entity_type, entity_id)
-    return record, store.edges_of(entity_type, entity_id, relation=relation) if record else []
+    if record is None:
+        return None, [], 0
+    edges = store.edges_of(entity_type, entity_id, relation=relation, direction=direction, limit=limit)  # type: ignore[arg-type]
+    total = len(edges) if len(edges) < limit else store.edge_total(entity_type, entity_id, relation=relation,
+                                                                     direction=direction)  # type: ignore[arg-type]
+    return record, edges, total
 
 
 def _ping(store: FactStore) -> None:

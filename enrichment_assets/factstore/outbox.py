@@ -13,6 +13,11 @@ from enrichment_assets.factstore.models import EntityKey
 from enrichment_assets.factstore.schema import EntityState, edges, entities, references
 
 _CHUNK = 500
+# A hub (a team every model is owned by, an A/B test thousands of instances ran in) would otherwise
+# carry every edge into its one document: unbounded documents, slow bulk writes, and past
+# Elasticsearch's index.mapping.nested_objects.limit (10,000) a rejected write. The read API serves
+# the full lists from the fact store.
+RELATIONSHIP_CAP = 100
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,8 @@ class DocumentSource:
     references: list[dict[str, Any]] = field(default_factory=list)
     # Attributes of the entities at the other end of every edge and reference, for their names.
     neighbours: dict[EntityKey, dict[str, Any]] = field(default_factory=dict)
+    # Every live edge and reference counted per (relation, direction), including those past the cap.
+    totals: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def key(self) -> EntityKey:
@@ -56,32 +63,42 @@ def backlog(conn: sa.Connection, limit: int) -> list[EntityKey]:
     return [tuple(row) for row in rows]  # type: ignore[misc]
 
 
-def document_sources(conn: sa.Connection, keys: Sequence[EntityKey]) -> list[DocumentSource]:
+def document_sources(conn: sa.Connection, keys: Sequence[EntityKey], *, cap: int = RELATIONSHIP_CAP) -> list[DocumentSource]:
+    """Everything the documents of ``keys`` need, with at most ``cap`` edges per (relation, direction)
+    and references per field; ``totals`` counts them all."""
     rows: dict[EntityKey, dict[str, Any]] = {}
     columns = [entities.c[name] for name in ("entity_type", "entity_id", "state", "doc_version", "attributes",
                                               "first_seen_at", "hydrated_at", "last_enriched_at")]
     for chunk in _chunks(list(keys)):
         for row in conn.execute(sa.select(*columns).where(_key_in(entities, "entity_type", "entity_id", chunk))).mappings():
-            rows[(row["entity_type"], row["entity_id"])] = {**row, "edges_out": [], "edges_in": [], "references": []}
+            rows[(row["entity_type"], row["entity_id"])] = {**row, "edges_out": [], "edges_in": [], "references": [],
+                                                            "totals": []}
     live = [k for k, row in rows.items() if row["state"] != EntityState.DELETED.value]
     edge_columns = [edges.c[n] for n in ("src_type", "src_id", "relation", "dst_type", "dst_id", "path", "kind")]
     others: set[EntityKey] = set()
     for chunk in _chunks(live):
-        for edge in conn.execute(sa.select(*edge_columns).where(
-                _key_in(edges, "src_type", "src_id", chunk), edges.c.retracted_at.is_(None))).mappings():
-            rows[(edge["src_type"], edge["src_id"])]["edges_out"].append(dict(edge))
-            others.add((edge["dst_type"], edge["dst_id"]))
-        for edge in conn.execute(sa.select(*edge_columns).where(
-                _key_in(edges, "dst_type", "dst_id", chunk), edges.c.retracted_at.is_(None))).mappings():
-            rows[(edge["dst_type"], edge["dst_id"])]["edges_in"].append(dict(edge))
-            others.add((edge["src_type"], edge["src_id"]))
-        for ref in conn.execute(
-            sa.select(references.c.from_type, references.c.from_id, references.c.field, references.c.to_type,
-                      references.c.to_id, references.c.resolved)
-            .where(_key_in(references, "from_type", "from_id", chunk), references.c.retracted_at.is_(None))
-        ).mappings():
-            rows[(ref["from_type"], ref["from_id"])]["references"].append(dict(ref))
+        for direction, (key_type, key_id), (other_type, other_id) in (
+            ("out", ("src_type", "src_id"), ("dst_type", "dst_id")),
+            ("in", ("dst_type", "dst_id"), ("src_type", "src_id")),
+        ):
+            where = [_key_in(edges, key_type, key_id, chunk), edges.c.retracted_at.is_(None)]
+            for edge in _capped(conn, edges, edge_columns, where, [edges.c[key_type], edges.c[key_id], edges.c.relation],
+                                [edges.c[other_type], edges.c[other_id]], cap):
+                rows[(edge[key_type], edge[key_id])][f"edges_{direction}"].append(edge)
+                others.add((edge[other_type], edge[other_id]))
+            for k_type, k_id, relation, total in _totals(conn, edges, where, [edges.c[key_type], edges.c[key_id],
+                                                                              edges.c.relation]):
+                rows[(k_type, k_id)]["totals"].append(
+                    {"relation": relation, "direction": direction, "derived": True, "total": total})
+        ref_columns = [references.c[n] for n in ("from_type", "from_id", "field", "to_type", "to_id", "resolved")]
+        where = [_key_in(references, "from_type", "from_id", chunk), references.c.retracted_at.is_(None)]
+        group = [references.c.from_type, references.c.from_id, references.c.field]
+        for ref in _capped(conn, references, ref_columns, where, group, [references.c.to_type, references.c.to_id], cap):
+            rows[(ref["from_type"], ref["from_id"])]["references"].append(ref)
             others.add((ref["to_type"], ref["to_id"]))
+        for k_type, k_id, relation, total in _totals(conn, references, where, group):
+            rows[(k_type, k_id)]["totals"].append(
+                {"relation": relation, "direction": "out", "derived": False, "total": total})
     neighbours: dict[EntityKey, dict[str, Any]] = {}
     for chunk in _chunks(sorted(others)):
         for etype, eid, attributes in conn.execute(
@@ -90,6 +107,21 @@ def document_sources(conn: sa.Connection, keys: Sequence[EntityKey]) -> list[Doc
         ):
             neighbours[(etype, eid)] = attributes
     return [DocumentSource(**row, neighbours=neighbours) for row in rows.values()]
+
+
+def _capped(conn: sa.Connection, table: sa.Table, columns: list[sa.ColumnElement[Any]],
+            where: list[sa.ColumnElement[bool]], group: list[sa.ColumnElement[Any]],
+            order: list[sa.ColumnElement[Any]], cap: int) -> list[dict[str, Any]]:
+    """Rows of ``table`` matching ``where``, at most ``cap`` per ``group`` (first by ``order``)."""
+    rank = sa.func.row_number().over(partition_by=group, order_by=order).label("rank")
+    ranked = sa.select(*columns, rank).where(*where).subquery()
+    stmt = sa.select(*[ranked.c[c.name] for c in columns]).where(ranked.c.rank <= cap)
+    return [dict(row) for row in conn.execute(stmt).mappings()]
+
+
+def _totals(conn: sa.Connection, table: sa.Table, where: list[sa.ColumnElement[bool]],
+            group: list[sa.ColumnElement[Any]]) -> list[tuple[str, str, str, int]]:
+    return [tuple(row) for row in conn.execute(sa.select(*group, sa.func.count()).where(*where).group_by(*group))]  # type: ignore[misc]
 
 
 def mark_indexed(conn: sa.Connection, written: Sequence[tuple[EntityKey, int]]) -> None:

@@ -343,17 +343,33 @@ class FactStore:
             return graph.wake_waiters(conn, self._clock())
 
     def edges_of(self, entity_type: str, entity_id: str, *, relation: str | None = None,
-                 include_retracted: bool = False) -> list[dict[str, Any]]:
-        """Derived edges whose source is the entity, with their provenance."""
-        where = [edges.c.src_type == entity_type, edges.c.src_id == entity_id]
+                 include_retracted: bool = False, direction: Literal["out", "in"] = "out",
+                 limit: int | None = None) -> list[dict[str, Any]]:
+        """Derived edges from the entity (``out``) or into it (``in``), with their provenance; at most
+        ``limit``, ordered by relation and the other end."""
+        if direction not in ("out", "in"):
+            raise ValueError(f"direction must be 'out' or 'in', not {direction!r}")
+        this, other = (("src_type", "src_id"), ("dst_type", "dst_id"))[:: 1 if direction == "out" else -1]
+        where = [edges.c[this[0]] == entity_type, edges.c[this[1]] == entity_id]
         if relation is not None:
             where.append(edges.c.relation == relation)
         if not include_retracted:
             where.append(edges.c.retracted_at.is_(None))
+        stmt = sa.select(edges).where(*where).order_by(edges.c.relation, edges.c[other[0]], edges.c[other[1]])
+        if limit is not None:
+            stmt = stmt.limit(limit)
         with self.engine.connect() as conn:
-            return [dict(row) for row in conn.execute(
-                sa.select(edges).where(*where).order_by(edges.c.relation, edges.c.dst_type, edges.c.dst_id)
-            ).mappings()]
+            return [dict(row) for row in conn.execute(stmt).mappings()]
+
+    def edge_total(self, entity_type: str, entity_id: str, *, relation: str | None = None,
+                   direction: Literal["out", "in"] = "out") -> int:
+        """How many live edges ``edges_of`` would return without a limit."""
+        this = ("src_type", "src_id") if direction == "out" else ("dst_type", "dst_id")
+        where = [edges.c[this[0]] == entity_type, edges.c[this[1]] == entity_id, edges.c.retracted_at.is_(None)]
+        if relation is not None:
+            where.append(edges.c.relation == relation)
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).where(*where)).scalar_one()
 
     def edge_counts(self) -> dict[tuple[str, str, str], int]:
         """Live derived edges per (source type, relation, target type)."""

@@ -61,6 +61,8 @@ def build_document(policy: Policy, source: DocumentSource) -> dict[str, Any]:
         "last_enriched_at": source.last_enriched_at.isoformat() if source.last_enriched_at else None,
         "attributes": _indexed_attributes(policy, source),
         "relationships": relationships,
+        # Documents list at most RELATIONSHIP_CAP of each; these are the full counts.
+        "relationship_totals": sorted(source.totals, key=lambda t: (t["relation"], t["direction"], t["derived"])),
     }
 
 

@@ -65,6 +65,10 @@ class SearchIndex:
             index = self._new_index_name()
             self.client.indices.create(index=index)
             self.client.indices.put_alias(index=index, name=self.alias)
+        else:
+            # Fields added to the mappings since the live index was created (adding is all a put
+            # mapping may do; a changed field needs `enrichment reindex --full`).
+            self.client.indices.put_mapping(index=self.alias, properties=MAPPINGS["properties"])
 
     def current_indices(self) -> list[str]:
         try:

@@ -34,6 +34,15 @@ MAPPINGS: dict[str, Any] = {
                 "path": {"type": "keyword"},
             },
         },
+        "relationship_totals": {
+            "type": "object",
+            "properties": {
+                "relation": {"type": "keyword"},
+                "direction": {"type": "keyword"},
+                "derived": {"type": "boolean"},
+                "total": {"type": "integer"},
+            },
+        },
     },
 }
 
