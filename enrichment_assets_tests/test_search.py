@@ -193,3 +193,22 @@ def test_a_hub_document_lists_its_first_edges_per_relation_and_counts_them_all(
     assert len(store.edges_of("c", "hub", direction="in")) == len(spokes), "the full list stays in the store"
     spoke = doc(search_index, "a", spokes[-1])
     assert spoke["relationship_totals"] == [{"relation": "reaches", "direction": "out", "derived": True, "total": 1}]
+
+
+def test_read_ahead_keeps_order_and_hands_over_the_producers_error() -> None:
+    from enrichment_assets.search.sync import read_ahead
+
+    assert list(read_ahead(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("the store went away")
+
+    seen = []
+    with pytest.raises(ValueError, match="went away"):
+        for item in read_ahead(failing()):
+            seen.append(item)
+    assert seen == [1]
+    abandoned = read_ahead(iter(range(10**6)))
+    assert next(abandoned) == 0
+    abandoned.close()  # the consumer stops early: the producer thread stops too

@@ -7,13 +7,18 @@ took it. An item that fails stays in the outbox and is retried by the next sync,
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from enrichment_assets.factstore import EntityKey, FactStore
 from enrichment_assets.policy import Policy
 from enrichment_assets.search.documents import build_document, document_id
 from enrichment_assets.search.index import Action, SearchIndex
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -67,9 +72,13 @@ def rebuild_index(store: FactStore, policy: Policy, index: SearchIndex, *, batch
     keys = [(t, i) for t, i, _, state in store.document_versions() if state != "deleted"]
     ids: dict[str, EntityKey] = {}
 
-    def actions() -> Iterator[Action]:
+    def batches() -> Iterator[tuple[list[Action], dict[str, EntityKey]]]:
         for start in range(0, len(keys), batch_size):
-            batch, batch_ids = actions_for(store, policy, keys[start : start + batch_size])
+            yield actions_for(store, policy, keys[start : start + batch_size])
+
+    def actions() -> Iterator[Action]:
+        # The next batch is read from the store while this one is written to the index.
+        for batch, batch_ids in read_ahead(batches()):
             ids.update(batch_ids)
             yield from batch
 
@@ -83,3 +92,39 @@ def rebuild_index(store: FactStore, policy: Policy, index: SearchIndex, *, batch
     report.indexed += len(written)
     report.failures.update(result.failures)
     return new_index, report
+
+
+def read_ahead(source: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Yield ``source``'s items, producing up to ``depth`` ahead in a background thread (so reads from
+    one system overlap writes to another). An exception in the producer is raised to the consumer."""
+    items: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        items.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(("done", None))
+        except BaseException as error:  # handed to the consumer
+            items.put(("error", error))
+
+    worker = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = items.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        worker.join(timeout=5)
