@@ -5,7 +5,7 @@ whether the search index agrees with the fact store."""
 
 import dagster as dg
 
-from enrichment_assets.assets.branch import SEARCH_INDEX_KEY, _percentile, branch_types
+from enrichment_assets.assets.branch import SEARCH_INDEX_KEY, branch_types
 from enrichment_assets.policy import Policy
 from enrichment_assets.resources import FactStoreResource, SearchResource
 from enrichment_assets.search.reconcile import reconcile
@@ -27,21 +27,19 @@ def _type_checks(policy: Policy, entity_type: str) -> list[dg.AssetChecksDefinit
         f"seen if never) within its budget of {budget}.",
     )
     def staleness_budget(fact_store: FactStoreResource) -> dg.AssetCheckResult:
-        ages = fact_store.store.ages(entity_type)
-        p95 = _percentile(ages, 0.95)
-        over = sum(1 for age in ages if age > budget.total_seconds())
+        staleness = fact_store.store.staleness(entity_type, budget=budget)
         return dg.AssetCheckResult(
-            passed=p95 <= budget.total_seconds(),
+            passed=staleness.p95 <= budget.total_seconds(),
             severity=dg.AssetCheckSeverity.ERROR,
-            description=f"p95 {p95:.0f}s against a budget of {budget.total_seconds():.0f}s; "
-            f"{over} of {len(ages)} over budget",
+            description=f"p95 {staleness.p95:.0f}s against a budget of {budget.total_seconds():.0f}s; "
+            f"{staleness.over_budget} of {staleness.count} over budget",
             metadata={
-                "entities": dg.MetadataValue.int(len(ages)),
-                "staleness_p50_seconds": dg.MetadataValue.float(round(_percentile(ages, 0.5), 1)),
-                "staleness_p95_seconds": dg.MetadataValue.float(round(p95, 1)),
-                "staleness_max_seconds": dg.MetadataValue.float(round(ages[-1], 1) if ages else 0.0),
+                "entities": dg.MetadataValue.int(staleness.count),
+                "staleness_p50_seconds": dg.MetadataValue.float(round(staleness.p50, 1)),
+                "staleness_p95_seconds": dg.MetadataValue.float(round(staleness.p95, 1)),
+                "staleness_max_seconds": dg.MetadataValue.float(round(staleness.max, 1)),
                 "budget_seconds": dg.MetadataValue.float(budget.total_seconds()),
-                "over_budget": dg.MetadataValue.int(over),
+                "over_budget": dg.MetadataValue.int(staleness.over_budget),
             },
         )
 

@@ -261,3 +261,26 @@ def test_status_counts_states_and_names_the_oldest_waiting(store: FactStore, clo
     [report] = store.status()
     assert report.counts == {"uncached": 2, "deleted": 1}
     assert (report.oldest_waiting_id, report.oldest_waiting_since) == ("first", clock.now - timedelta(minutes=1))
+
+
+def test_staleness_percentiles_agree_on_both_backends(store: FactStore, clock) -> None:
+    """PostgreSQL computes them in the database, SQLite in Python: same nearest-rank answers."""
+    import sqlalchemy as sa
+
+    from enrichment_assets.factstore.schema import entities
+
+    store.ingest_events([Event(entity_type="thing", entity_id=f"t{i}", event_type="created") for i in range(20)])
+    store.ingest_events([Event(entity_type="thing", entity_id="gone", event_type="deleted")])
+    with store.engine.begin() as conn:
+        for i in range(19):  # t19 never enriched: its age counts from first seen
+            conn.execute(sa.update(entities).where(entities.c.entity_id == f"t{i}")
+                         .values(last_enriched_at=clock.now - timedelta(seconds=100 * (i + 1))))
+    clock.advance(seconds=50)
+    summary = store.staleness("thing", budget=timedelta(seconds=1000))
+    # ages 50 (t19), 150, 250, ..., 1950: nearest rank, the 10th and the 19th of 20
+    assert (summary.count, summary.p50, summary.p95, summary.max) == (20, 950.0, 1850.0, 1950.0)
+    assert summary.over_budget == 10  # t9 (1050 s) .. t18 (1950 s); t19 is 50 s old
+    window = (clock.now - timedelta(hours=1), clock.now)
+    assert store.staleness("thing", window).count == 20
+    assert store.staleness("thing", (clock.now, clock.now + timedelta(hours=1))).count == 0
+    assert store.staleness("nothing").p95 == 0.0

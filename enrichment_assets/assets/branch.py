@@ -20,7 +20,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from enrichment_assets.factstore import Claim, DerivedEdge, Outcome
+from enrichment_assets.factstore import Claim, DerivedEdge, Outcome, Staleness
 from enrichment_assets.hydration.propagation import affected_roots
 from enrichment_assets.hydration.walker import Walk, Walker, WalkReport
 from enrichment_assets.partitions import partitions_for
@@ -113,18 +113,11 @@ def search_index_spec(policy: Policy) -> dg.AssetSpec:
     )
 
 
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def _staleness_metadata(ages: list[float]) -> dict[str, dg.MetadataValue]:
+def _staleness_metadata(staleness: Staleness) -> dict[str, dg.MetadataValue]:
     return {
-        "entities_in_slice": dg.MetadataValue.int(len(ages)),
-        "staleness_p50_seconds": dg.MetadataValue.float(round(_percentile(ages, 0.5), 1)),
-        "staleness_p95_seconds": dg.MetadataValue.float(round(_percentile(ages, 0.95), 1)),
+        "entities_in_slice": dg.MetadataValue.int(staleness.count),
+        "staleness_p50_seconds": dg.MetadataValue.float(round(staleness.p50, 1)),
+        "staleness_p95_seconds": dg.MetadataValue.float(round(staleness.p95, 1)),
     }
 
 
@@ -193,7 +186,7 @@ partition. Leases expire if the run dies, so its entities are picked up again.""
         store = fact_store.store
         window = _window(context)
         mode = _mode(context)
-        ages_before = store.ages(entity_type, window)
+        before = store.staleness(entity_type, window)
         claims: list[Claim] = []
         refresh_before = store.now() - effective.refresh_interval
         while mode == RECOMPUTE or len(claims) < config.limit:
@@ -214,7 +207,7 @@ partition. Leases expire if the run dies, so its entities are picked up again.""
             "mode": mode,
             "claimed": dg.MetadataValue.int(len(frame)),
             **{f"claimed_{reason}": dg.MetadataValue.int(count) for reason, count in sorted(reasons.items())},
-            **_staleness_metadata(ages_before),
+            **_staleness_metadata(before),
             "preview": _markdown(frame[["entity_id", "reason", "attempts"]]),
         })
         context.log.info(f"{mode}: leased {len(frame)} {entity_type} entities of {context.partition_key}")
@@ -387,7 +380,7 @@ budget ({effective.staleness_budget}); the `staleness_budget` check holds each e
                                     f"{list(result.failures.items())[:3]}")
         metadata["edge_ends"] = dg.MetadataValue.int(len(ends))
         metadata["edge_ends_behind"] = dg.MetadataValue.int(len(store.index_behind(ends)))
-        metadata.update(_staleness_metadata(store.ages(entity_type, _window(context))))
+        metadata.update(_staleness_metadata(store.staleness(entity_type, _window(context))))
         frame = pd.DataFrame(sorted(written), columns=INDEX_COLUMNS)
         context.add_output_metadata(metadata)
         return frame

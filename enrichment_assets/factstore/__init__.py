@@ -12,6 +12,7 @@ from enrichment_assets.factstore.models import (
     Outcome,
     ReferenceFact,
     RetryPolicy,
+    Staleness,
     TypeStatus,
 )
 from enrichment_assets.factstore.schema import EntityState
@@ -32,5 +33,6 @@ __all__ = [
     "Outcome",
     "ReferenceFact",
     "RetryPolicy",
+    "Staleness",
     "TypeStatus",
 ]

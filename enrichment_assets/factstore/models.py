@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -161,6 +162,29 @@ class DueWork:
     window_end: datetime
     due: int
     oldest_due_at: datetime
+
+
+@dataclass(frozen=True)
+class Staleness:
+    """How stale a set of entities is, in seconds (since last enriched, or first seen if never)."""
+
+    count: int
+    p50: float
+    p95: float
+    max: float
+    over_budget: int = 0
+
+    @classmethod
+    def of(cls, ages: list[float], budget: timedelta | None = None) -> Staleness:
+        """From ascending ages; percentiles are the nearest rank at or below (like percentile_disc)."""
+        if not ages:
+            return cls(0, 0.0, 0.0, 0.0, 0)
+
+        def rank(q: float) -> float:  # the first value whose cumulative share reaches q
+            return ages[max(0, min(len(ages) - 1, math.ceil(q * len(ages)) - 1))]
+
+        over = sum(1 for a in ages if budget is not None and a > budget.total_seconds())
+        return cls(len(ages), rank(0.5), rank(0.95), ages[-1], over)
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,10 @@ from enrichment_assets.factstore.models import (
     Outcome,
     ReferenceFact,
     RetryPolicy,
+    Staleness,
     TypeStatus,
 )
+from enrichment_assets.factstore.types import UTCDateTime
 from enrichment_assets.factstore.schema import CLAIMABLE_STATES, PENDING_STATES, EntityState, edges, entities
 
 Granularity = Literal["hour", "day"]
@@ -497,15 +499,38 @@ class FactStore:
         """Staleness in seconds of every live entity of a type (optionally first seen in ``window``),
         ascending: time since last enriched, or since first seen for one never enriched yet."""
         now = self._clock()
-        stmt = sa.select(entities.c.first_seen_at, entities.c.last_enriched_at).where(
-            entities.c.entity_type == entity_type, entities.c.state != EntityState.DELETED.value
-        )
-        if window is not None:
-            stmt = stmt.where(entities.c.first_seen_at >= window[0], entities.c.first_seen_at < window[1])
+        stmt = sa.select(entities.c.first_seen_at, entities.c.last_enriched_at).where(*self._live(entity_type, window))
         with self.engine.connect() as conn:
             return sorted(
                 max((now - _as_utc(enriched or seen)).total_seconds(), 0.0) for seen, enriched in conn.execute(stmt)
             )
+
+    def staleness(self, entity_type: str, window: tuple[datetime, datetime] | None = None, *,
+                  budget: timedelta | None = None) -> Staleness:
+        """p50/p95/max staleness (see ``ages``) of a type's live entities, and how many exceed ``budget``.
+        On PostgreSQL the percentiles are computed in the database, so a million entities stay there."""
+        if self.dialect != "postgresql":
+            return Staleness.of(self.ages(entity_type, window), budget)
+        now = self._clock()
+        age = sa.func.extract("epoch", sa.literal(now, UTCDateTime) - sa.func.coalesce(
+            entities.c.last_enriched_at, entities.c.first_seen_at))
+        over = sa.func.count().filter(age > budget.total_seconds()) if budget is not None else sa.literal(0)
+        stmt = sa.select(
+            sa.func.count(),
+            sa.func.percentile_disc(0.5).within_group(age),
+            sa.func.percentile_disc(0.95).within_group(age),
+            sa.func.max(age),
+            over,
+        ).where(*self._live(entity_type, window))
+        with self.engine.connect() as conn:
+            count, p50, p95, oldest, exceeding = conn.execute(stmt).one()
+        return Staleness(count, *(max(float(v or 0), 0.0) for v in (p50, p95, oldest)), int(exceeding or 0))
+
+    def _live(self, entity_type: str, window: tuple[datetime, datetime] | None) -> list[sa.ColumnElement[bool]]:
+        where = [entities.c.entity_type == entity_type, entities.c.state != EntityState.DELETED.value]
+        if window is not None:
+            where += [entities.c.first_seen_at >= window[0], entities.c.first_seen_at < window[1]]
+        return where
 
     def quarantined(self, entity_type: str, *, limit: int = 10) -> tuple[int, list[tuple[str, str | None]]]:
         """How many entities of a type are quarantined, and the first ``limit`` of them with their error."""
