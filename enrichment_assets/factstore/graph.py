@@ -7,7 +7,8 @@ asserted and retracted (search re-indexes both ends of each) without per-row sta
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -18,15 +19,53 @@ from enrichment_assets.factstore.models import DerivedEdge, EdgeChange, EntityKe
 from enrichment_assets.factstore.schema import EntityState, edges, entities, references, waits
 
 _CHUNK = 500
-
-
-def _insert(conn: sa.Connection, table: sa.Table) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+_UPSERT_PAGE = 5000
 
 
 def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
+
+
+def _upsert(
+    conn: sa.Connection,
+    table: sa.Table,
+    rows: Sequence[dict[str, Any]],
+    conflict: Sequence[str],
+    updates: Callable[[Any], dict[str, Any]],
+) -> None:
+    """``INSERT ... ON CONFLICT (conflict) DO UPDATE SET updates(excluded)`` for every row.
+
+    PostgreSQL gets one statement per page, the rows passed as one array per column and unnested
+    (SQLAlchemy sends an ON CONFLICT without RETURNING row by row); SQLite an executemany.
+    """
+    if not rows:
+        return
+    names = list(rows[0])
+    if conn.dialect.name != "postgresql":
+        stmt = sqlite.insert(table)
+        conn.execute(stmt.on_conflict_do_update(index_elements=list(conflict), set_=updates(stmt.excluded)), rows)
+        return
+    json_columns = {n for n in names if isinstance(table.c[n].type, (sa.JSON, postgresql.JSONB))}
+
+    def item_type(name: str) -> sa.types.TypeEngine[Any]:
+        if name in json_columns:
+            return sa.Text()
+        column_type = table.c[name].type
+        return sa.DateTime(timezone=True) if isinstance(column_type, sa.TypeDecorator) else column_type
+
+    batch = (
+        sa.func.unnest(*[sa.cast(sa.bindparam(n), postgresql.ARRAY(item_type(n))) for n in names])
+        .table_valued(*names)
+        .render_derived(name="batch")
+    )
+    select = sa.select(*[sa.cast(batch.c[n], postgresql.JSONB) if n in json_columns else batch.c[n] for n in names])
+    insert = postgresql.insert(table).from_select(names, select)
+    stmt = insert.on_conflict_do_update(index_elements=list(conflict), set_=updates(insert.excluded))
+    for start in range(0, len(rows), _UPSERT_PAGE):
+        page = rows[start : start + _UPSERT_PAGE]
+        conn.execute(stmt, {n: [json.dumps(r[n]) if n in json_columns and r[n] is not None else r[n] for r in page]
+                            for n in names})
 
 
 def record_hydrations(
@@ -42,23 +81,19 @@ def record_hydrations(
     if not rows:
         return []
     before = stored_attributes(conn, [(t, i) for t, i, _ in rows])
-    stmt = _insert(conn, entities)
-    conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[entities.c.entity_type, entities.c.entity_id],
-            set_={
-                "attributes": stmt.excluded.attributes, "hydrated_at": now, "updated_at": now,
-                # The document shows the attributes; the claim version stays put (see above).
-                "doc_version": sa.case((entities.c.attributes == stmt.excluded.attributes, entities.c.doc_version),
-                                       else_=entities.c.doc_version + 1),
-            },
-        ),
-        [
-            {"entity_type": t, "entity_id": i, "attributes": attrs, "state": EntityState.UNCACHED.value,
-             "version": 1, "first_seen_at": now, "updated_at": now, "hydrated_at": now, "attempts": 0,
-             "next_attempt_at": now}
-            for t, i, attrs in rows
-        ],
+    _upsert(
+        conn, entities,
+        [{"entity_type": t, "entity_id": i, "attributes": attrs, "state": EntityState.UNCACHED.value,
+          "version": 1, "first_seen_at": now, "updated_at": now, "hydrated_at": now, "attempts": 0,
+          "next_attempt_at": now}
+         for t, i, attrs in rows],
+        conflict=["entity_type", "entity_id"],
+        updates=lambda new: {
+            "attributes": new.attributes, "hydrated_at": now, "updated_at": now,
+            # The document shows the attributes; the claim version stays put (see above).
+            "doc_version": sa.case((entities.c.attributes == new.attributes, entities.c.doc_version),
+                                   else_=entities.c.doc_version + 1),
+        },
     )
     return [(t, i) for t, i, attrs in rows if before.get((t, i)) not in (None, attrs)]
 
@@ -110,37 +145,32 @@ def record_references(conn: sa.Connection, facts: dict[EntityKey, list[Reference
     if not facts:
         return
     keys = list(facts)
-    live: set[tuple[str, str, str, str, str]] = set()
+    live: dict[tuple[str, str, str, str, str], bool] = {}
     for chunk in _chunks(keys):
-        live.update(tuple(row) for row in conn.execute(
+        for ft, fi, field, tt, ti, resolved in conn.execute(
             sa.select(references.c.from_type, references.c.from_id, references.c.field,
-                      references.c.to_type, references.c.to_id)
+                      references.c.to_type, references.c.to_id, references.c.resolved)
             .where(sa.tuple_(references.c.from_type, references.c.from_id).in_(chunk),
                    references.c.retracted_at.is_(None))
-        ))
+        ):
+            live[(ft, fi, field, tt, ti)] = resolved
     current = {(ft, fi, f.field, f.to_type, f.to_id): f for (ft, fi), fs in facts.items() for f in fs}
-    if current:
-        stmt = _insert(conn, references)
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[references.c.from_type, references.c.from_id, references.c.field,
-                                references.c.to_type, references.c.to_id],
-                set_={
-                    "resolved": stmt.excluded.resolved,
-                    "resolved_at": sa.case(
-                        (stmt.excluded.resolved & references.c.resolved_at.is_(None), now),
-                        else_=references.c.resolved_at,
-                    ),
-                    "retracted_at": None,
-                },
-            ),
-            [
-                {"from_type": k[0], "from_id": k[1], "field": k[2], "to_type": k[3], "to_id": k[4],
-                 "resolved": f.resolved, "first_seen_at": now, "resolved_at": now if f.resolved else None}
-                for k, f in current.items()
-            ],
-        )
-    gone = sorted(live - set(current))
+    # Only what is new, revived or newly (un)resolved is written: a re-walk mostly finds it all unchanged.
+    changed = {k: f for k, f in current.items() if live.get(k) is not f.resolved}
+    _upsert(
+        conn, references,
+        [{"from_type": k[0], "from_id": k[1], "field": k[2], "to_type": k[3], "to_id": k[4],
+          "resolved": f.resolved, "first_seen_at": now, "resolved_at": now if f.resolved else None}
+         for k, f in changed.items()],
+        conflict=["from_type", "from_id", "field", "to_type", "to_id"],
+        updates=lambda new: {
+            "resolved": new.resolved,
+            "resolved_at": sa.case((new.resolved & references.c.resolved_at.is_(None), now),
+                                   else_=references.c.resolved_at),
+            "retracted_at": None,
+        },
+    )
+    gone = sorted(set(live) - set(current))
     for chunk in _chunks(gone):
         conn.execute(
             sa.update(references)
@@ -162,47 +192,54 @@ def apply_edges(
     if not walks:
         return [], 0
     roots = list(walks)
-    live: dict[EntityKey, set[tuple[str, str, str]]] = {root: set() for root in roots}
+    # root -> (relation, dst type, dst id) -> the path it was derived through
+    live: dict[EntityKey, dict[tuple[str, str, str], list[list[str]]]] = {root: {} for root in roots}
     for chunk in _chunks(roots):
-        for src_type, src_id, relation, dst_type, dst_id in conn.execute(
-            sa.select(edges.c.src_type, edges.c.src_id, edges.c.relation, edges.c.dst_type, edges.c.dst_id)
+        for src_type, src_id, relation, dst_type, dst_id, path in conn.execute(
+            sa.select(edges.c.src_type, edges.c.src_id, edges.c.relation, edges.c.dst_type, edges.c.dst_id,
+                      edges.c.path)
             .where(sa.tuple_(edges.c.src_type, edges.c.src_id).in_(chunk), edges.c.retracted_at.is_(None))
         ):
-            live[(src_type, src_id)].add((relation, dst_type, dst_id))
+            live[(src_type, src_id)][(relation, dst_type, dst_id)] = path
     rows, changes, confirmed = [], [], 0
+    unchanged: list[tuple[str, str, str, str, str]] = []
     retract: list[tuple[str, str, str, str, str]] = []
     for root, (derived, complete) in walks.items():
         current = {(e.relation, e.dst_type, e.dst_id): e for e in derived}
         for key, edge in current.items():
-            rows.append({
-                "src_type": root[0], "src_id": root[1], "relation": edge.relation, "dst_type": edge.dst_type,
-                "dst_id": edge.dst_id, "policy": root[0], "path": [list(hop) for hop in edge.path],
-                "kind": "deterministic", "confidence": 1.0, "asserted_at": now, "confirmed_at": now,
-            })
+            path = [list(hop) for hop in edge.path]
             if key in live[root]:
                 confirmed += 1
+                if live[root][key] == path:
+                    unchanged.append((root[0], root[1], *key))
+                    continue
             else:
                 changes.append(EdgeChange(root[0], root[1], *key, "asserted"))
+            rows.append({
+                "src_type": root[0], "src_id": root[1], "relation": edge.relation, "dst_type": edge.dst_type,
+                "dst_id": edge.dst_id, "policy": root[0], "path": path,
+                "kind": "deterministic", "confidence": 1.0, "asserted_at": now, "confirmed_at": now,
+            })
         if complete:
-            for key in sorted(live[root] - set(current)):
+            for key in sorted(set(live[root]) - set(current)):
                 retract.append((root[0], root[1], *key))
                 changes.append(EdgeChange(root[0], root[1], *key, "retracted"))
-    if rows:
-        stmt = _insert(conn, edges)
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[edges.c.src_type, edges.c.src_id, edges.c.relation, edges.c.dst_type, edges.c.dst_id],
-                set_={
-                    "confirmed_at": now,
-                    "path": stmt.excluded.path,
-                    "policy": stmt.excluded.policy,
-                    # A re-asserted edge starts a new assertion; its earlier retraction is superseded.
-                    "asserted_at": sa.case((edges.c.retracted_at.is_not(None), now), else_=edges.c.asserted_at),
-                    "retracted_at": None,
-                },
-            ),
-            rows,
-        )
+    _upsert(
+        conn, edges, rows,
+        conflict=["src_type", "src_id", "relation", "dst_type", "dst_id"],
+        updates=lambda new: {
+            "confirmed_at": now,
+            "path": new.path,
+            "policy": new.policy,
+            # A re-asserted edge starts a new assertion; its earlier retraction is superseded.
+            "asserted_at": sa.case((edges.c.retracted_at.is_not(None), now), else_=edges.c.asserted_at),
+            "retracted_at": None,
+        },
+    )
+    # Confirmed through the same path: only confirmed_at moves, set-wise.
+    columns = (edges.c.src_type, edges.c.src_id, edges.c.relation, edges.c.dst_type, edges.c.dst_id)
+    for chunk in _chunks(unchanged):
+        conn.execute(sa.update(edges).where(sa.tuple_(*columns).in_(chunk)).values(confirmed_at=now))
     _retract(conn, retract, now)
     return changes, confirmed
 
