@@ -188,6 +188,18 @@ class SqlClock:
         return sum(self.seconds.values()), sum(self.statements.values())
 
 
+def _row_count(params: Any, many: bool) -> int:
+    """Rows a statement carried: an executemany's parameter sets, or the length of the arrays an
+    ``unnest`` statement passes one per column (the graph upserts on PostgreSQL), else one."""
+    if many and isinstance(params, Sequence):
+        return len(params)
+    if isinstance(params, dict):
+        arrays = [v for v in params.values() if isinstance(v, list)]
+        if arrays:
+            return len(arrays[0])
+    return 1
+
+
 @contextmanager
 def clocked_sql(engine: sa.Engine) -> Iterator[SqlClock]:
     clock = SqlClock()
@@ -201,7 +213,7 @@ def clocked_sql(engine: sa.Engine) -> Iterator[SqlClock]:
         kind = f"{match[1].split()[0]} {match[2]}" if match else statement.split(None, 1)[0]
         clock.seconds[kind] += elapsed
         clock.statements[kind] += 1
-        clock.rows[kind] += len(params) if many and isinstance(params, Sequence) else 1
+        clock.rows[kind] += _row_count(params, many)
 
     sa.event.listen(engine, "before_cursor_execute", before)
     sa.event.listen(engine, "after_cursor_execute", after)
@@ -596,7 +608,7 @@ def print_time_and_checks(batched: Batched, naive: Naive, agreed: tuple[int, lis
     )
     for kind, seconds in batched.sql.seconds.most_common(6):
         console.print(f"  {kind:<22} {seconds:5.1f} s  {batched.sql.statements[kind]:>4} statements  "
-                      f"{batched.sql.rows[kind]:>7,} parameter rows", highlight=False)
+                      f"{batched.sql.rows[kind]:>7,} rows", highlight=False)
     written = batched.sql.rows["INSERT references"]
     console.print(f"References: {written:,} rows upserted for {batched.references:,} distinct references "
                   f"({written / max(1, batched.references):.2f} writes each)")
