@@ -377,3 +377,44 @@ def test_search_check_allows_for_documents_still_in_the_outbox(
     in_sync = checks[("search/entities", "search_index_in_sync")]
     assert in_sync.passed, in_sync.description
     assert in_sync.metadata["outbox_backlog"].value == sum(len(v) for v in graph.entities.values())
+
+
+def _feature_job() -> dg.JobDefinition:
+    """The feature branch's job with the code location's own resources (bound from the environment)."""
+    return build_definitions(MDS).resolve_job_def("feature_enrichment")
+
+
+def test_re_executing_a_failed_run_from_its_failure_settles_the_original_leases(
+    database: str, elasticsearch_url: str, search_index: SearchIndex, sources_env: None, live_store: FactStore,
+    graph: MdsGraph, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ENRICHMENT_DATABASE_URL", database)
+    monkeypatch.setenv("ELASTICSEARCH_URL", elasticsearch_url)
+    monkeypatch.setenv("ENRICHMENT_INDEX_ALIAS", search_index.alias)
+    ingest(live_store, graph)
+    # The database refuses edge writes for a while: the real failure shape, in whatever process runs the step.
+    with live_store.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE FUNCTION refuse_edges() RETURNS trigger LANGUAGE plpgsql AS "
+                             "$$ BEGIN RAISE EXCEPTION 'edges are read-only for this test'; END $$")
+        conn.exec_driver_sql("CREATE TRIGGER refuse_edges BEFORE INSERT ON edges "
+                             "FOR EACH ROW EXECUTE FUNCTION refuse_edges()")
+    features = sorted(graph.entities["feature"])
+    with dg.instance_for_test() as instance:
+        job = dg.reconstructable(_feature_job)
+        with dg.execute_job(job, instance=instance, tags={"dagster/partition": today()}) as failed:
+            assert not failed.success
+            first_run = failed.run_id
+        held = {live_store.get_entity("feature", f).claim_owner for f in features}
+        assert held == {f"dagster:{first_run}"}, "hydrated, not yet settled: still leased to the run"
+
+        with live_store.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER refuse_edges ON edges")
+        options = dg.ReexecutionOptions.from_failure(first_run, instance)
+        with dg.execute_job(job, instance=instance, reexecution_options=options,
+                            tags={"dagster/partition": today()}) as again:
+            assert again.success
+            assert again.run_id != first_run
+            [settled] = again.asset_materializations_for_node("feature__edges")
+    assert settled.metadata["enriched"].value == len(features)
+    assert settled.metadata["leases_lost"].value == 0
+    assert all(live_store.get_entity("feature", f).state == "fully_enriched" for f in features)

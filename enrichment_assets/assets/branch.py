@@ -133,7 +133,9 @@ def _mode(context: dg.AssetExecutionContext) -> str:
 
 
 def _owner(context: dg.AssetExecutionContext) -> str:
-    return f"dagster:{context.run.run_id}"
+    """The lease owner: the first run of a re-execution family, so re-executing a failed run from its
+    failed step settles the leases the original run took."""
+    return f"dagster:{context.run.root_run_id or context.run.run_id}"
 
 
 def _claims(frame: pd.DataFrame) -> list[Claim]:
