@@ -172,7 +172,9 @@ def enrich_once_command(entity_types: tuple[str, ...], batch_size: int) -> None:
 @click.argument("entity_type")
 @click.argument("entity_id")
 @click.option("--relation", default=None, help="Only this relation.")
-def edges(entity_type: str, entity_id: str, relation: str | None) -> None:
+@click.option("--incoming", is_flag=True, help="Edges into the entity instead of from it.")
+@click.option("--limit", default=200, show_default=True, type=click.IntRange(1, 100_000), help="Edges shown at most.")
+def edges(entity_type: str, entity_id: str, relation: str | None, incoming: bool, limit: int) -> None:
     """The derived edges of one entity, with provenance and staleness (straight from the fact store)."""
     from enrichment_assets.console import edges_header, edges_table
 
@@ -182,7 +184,13 @@ def edges(entity_type: str, entity_id: str, relation: str | None) -> None:
         raise click.ClickException(f"no entity {entity_type}/{entity_id} in the fact store")
     now = store.now()
     console().print(edges_header(record, now), soft_wrap=True)
-    console().print(edges_table(store.edges_of(entity_type, entity_id, relation=relation), now))
+    direction = "in" if incoming else "out"
+    found = store.edges_of(entity_type, entity_id, relation=relation, direction=direction, limit=limit)
+    table = edges_table(found, now, incoming=incoming)
+    total = store.edge_total(entity_type, entity_id, relation=relation, direction=direction)
+    if total > len(found):
+        table.caption = f"{len(found):,} of {total:,} shown; --limit for more"
+    console().print(table)
 
 
 @main.command()

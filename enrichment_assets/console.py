@@ -127,16 +127,17 @@ def edges_header(record, now: datetime) -> str:  # type: ignore[no-untyped-def]
     return f"[bold]{record.entity_type} {record.entity_id}[/bold]: {record.state}, {fresh}{partial}"
 
 
-def edges_table(edges: list[dict], now: datetime) -> Table:
+def edges_table(edges: list[dict], now: datetime, *, incoming: bool = False) -> Table:
     table = Table()
-    for column in ("relation", "to", "via", "asserted"):
+    for column in ("relation", "from" if incoming else "to", "via", "asserted"):
         table.add_column(column)
     for edge in edges:
         hops = " -> ".join(f"{t} {i}" for t, i in edge["path"][1:-1]) or "directly"
-        table.add_row(edge["relation"], f"{edge['dst_type']} {edge['dst_id']}", hops,
+        other = f"{edge['src_type']} {edge['src_id']}" if incoming else f"{edge['dst_type']} {edge['dst_id']}"
+        table.add_row(edge["relation"], other, hops,
                       humanize_seconds((now - edge["asserted_at"]).total_seconds()) + " ago")
     if not edges:
-        table.caption = "no derived edges"
+        table.caption = "no derived edges" + (" into it" if incoming else "")
     return table
 
 

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from enrichment_assets.cli import main
+from enrichment_assets.events import Event
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.factstore.migrations import head_revision
 
@@ -144,3 +145,24 @@ def test_search_without_elasticsearch_says_what_to_set(env: str, monkeypatch: py
     monkeypatch.delenv("ELASTICSEARCH_URL", raising=False)
     result = CliRunner().invoke(main, ["search", "x"])
     assert result.exit_code != 0 and "set ELASTICSEARCH_URL" in result.output
+
+
+def test_edges_command_shows_incoming_edges_with_a_limit(env: str) -> None:
+    from datetime import timedelta
+
+    from enrichment_assets.factstore import DerivedEdge, Outcome, RetryPolicy
+
+    store = FactStore.from_url(env)
+    store.migrate()
+    store.ingest_events([Event(entity_type="thing", entity_id=f"s{i}", event_type="created") for i in range(3)]
+                        + [Event(entity_type="other", entity_id="hub", event_type="created")])
+    claims = store.claim("thing", limit=10, owner="w", lease=timedelta(minutes=1))
+    store.finish("w", [Outcome.of(c, "enriched", attributes={},
+                                  edges=(DerivedEdge("near", "other", "hub", (c.key, ("other", "hub"))),))
+                       for c in claims], RetryPolicy())
+    result = CliRunner().invoke(main, ["edges", "other", "hub", "--incoming", "--limit", "2"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "thing s0" in result.output and "thing s1" in result.output and "thing s2" not in result.output
+    assert "2 of 3 shown; --limit for more" in result.output
+    outgoing = CliRunner().invoke(main, ["edges", "thing", "s2"], env={"COLUMNS": "160"})
+    assert "other hub" in outgoing.output and "directly" in outgoing.output
