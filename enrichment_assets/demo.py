@@ -54,6 +54,7 @@ def run_demo(settings: Settings) -> None:
     settings = replace(settings, policy=policy, policy_path=SHIPPED_POLICY, entity_types=policy.entity_type_names)
     out = console()
     out.rule("enrichment_assets demo")
+    _stop_on_signals()
     with ExitStack() as stack:
         database_url = stack.enter_context(_fact_store_database())
         search_url = stack.enter_context(_search_server(settings))
@@ -79,6 +80,21 @@ def run_demo(settings: Settings) -> None:
         _reads(api.url, settings, policy)
         _latency(searchable)
         _linger(dagster)
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM unwind the demo, so every process it started is stopped.
+
+    Set explicitly: a process started in the background by a non-interactive shell (a CI script, a
+    terminal multiplexer's job) inherits SIGINT as ignored, and SIGTERM's default would kill the demo
+    without stopping its servers.
+    """
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @contextmanager

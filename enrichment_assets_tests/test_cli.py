@@ -77,11 +77,13 @@ def test_bad_configuration_is_a_clear_error(env: str, monkeypatch: pytest.Monkey
     assert "cannot read policy file" in result.output
 
 
+@pytest.mark.timeout(600)
 def test_demo_lets_dagster_enrich_everything_then_keeps_the_ui_up_until_ctrl_c(
     tmp_path: Path, elasticsearch_url: str
 ) -> None:
     """``make demo`` as a user runs it: embedded fact store, simulator, webserver and daemon; the sensor
-    does the enriching. Ctrl-C stops every process it started."""
+    does the enriching. Ctrl-C stops every process it started, even when the demo was started with
+    SIGINT ignored (what a background job of a non-interactive shell inherits)."""
     import re
     import signal
     import subprocess
@@ -93,7 +95,8 @@ def test_demo_lets_dagster_enrich_everything_then_keeps_the_ui_up_until_ctrl_c(
     env.update({"ELASTICSEARCH_URL": elasticsearch_url, "ENRICHMENT_INDEX_ALIAS": f"demo-{tmp_path.name.lower()}",
                 "COLUMNS": "200"})
     demo = subprocess.Popen([str(Path(sys.executable).parent / "enrichment"), "demo"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     output = []
     try:
         for line in demo.stdout:  # type: ignore[union-attr]
@@ -105,7 +108,7 @@ def test_demo_lets_dagster_enrich_everything_then_keeps_the_ui_up_until_ctrl_c(
         ui = re.search(r"Dagster UI: (http://127\.0\.0\.1:\d+)", text).group(1)  # type: ignore[union-attr]
         assert httpx.get(f"{ui}/server_info", timeout=10).status_code == 200
         demo.send_signal(signal.SIGINT)
-        rest, _ = demo.communicate(timeout=60)
+        rest, _ = demo.communicate(timeout=90)
     finally:
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
@@ -118,6 +121,9 @@ def test_demo_lets_dagster_enrich_everything_then_keeps_the_ui_up_until_ctrl_c(
     assert re.search(r"ingest -> searchable and enriched: p50 \d+ s, p95 \d+ s", text)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{ui}/server_info", timeout=5)
+    # The embedded PostgreSQL and the search server ran from data directories under tmp_path.
+    leftovers = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in leftovers, leftovers
 
 
 def test_search_reindex_reconcile_and_edges_commands(env: str, monkeypatch: pytest.MonkeyPatch,
