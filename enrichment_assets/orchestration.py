@@ -84,6 +84,13 @@ class LocalDagster:
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "dagster.yaml").write_text(yaml.safe_dump(
             instance_config(max_concurrent_runs=self.max_concurrent_runs, postgres_url=self.postgres_url)))
+        # Create the instance's storage here, once: Dagster creates and stamps a fresh SQLite database
+        # without a lock, so webserver, code server and daemon starting together on an empty home can
+        # stamp it twice, after which none of them opens it ("more than one head").
+        import dagster as dg
+
+        with dg.DagsterInstance.from_config(str(self.home)):
+            pass
         bin_dir = Path(sys.executable).parent
         commands = {
             "webserver": [str(bin_dir / "dagster-webserver"), "-w", str(self.workspace), "-h", "127.0.0.1",

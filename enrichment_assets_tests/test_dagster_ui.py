@@ -24,13 +24,12 @@ import dagster as dg
 import httpx
 import pytest
 import sqlalchemy as sa
-import yaml
 
 from enrichment_assets.assets.branch import INCREMENTAL, MODE_TAG
 from enrichment_assets.events import Event
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.factstore.schema import EntityState, entities
-from enrichment_assets.orchestration import LOCATION, LocalDagster, instance_config
+from enrichment_assets.orchestration import LOCATION, LocalDagster
 from enrichment_assets.search import SearchIndex
 from enrichment_assets.sensors import job_name
 from enrichment_assets.simulator.events import thin_events
@@ -71,22 +70,12 @@ def dagster(tmp_path_factory: pytest.TempPathFactory, fact_store: FactStore,
             "ELASTICSEARCH_URL": elasticsearch_url,
             "ENRICHMENT_INDEX_ALIAS": index.alias,
         }
-        with LocalDagster(_initialized_home(tmp_path_factory.mktemp("dagster_home")), env) as instance:
+        with LocalDagster(tmp_path_factory.mktemp("dagster_home"), env) as instance:
             yield instance
     for name in index.current_indices():
         index.client.indices.delete(index=name)
     index.client.indices.delete_index_template(name=f"{index.alias}-template")
     index.close()
-
-
-def _initialized_home(home: Path) -> Path:
-    """A DAGSTER_HOME whose SQLite storage exists already. Dagster creates and stamps a fresh SQLite
-    database without a lock, so the webserver, its code server and the daemon starting together on an
-    empty home sometimes stamp it twice, and then none of them can open it ("more than one head")."""
-    (home / "dagster.yaml").write_text(yaml.safe_dump(instance_config()))
-    with dg.DagsterInstance.from_config(str(home)):
-        pass
-    return home
 
 
 @pytest.fixture
