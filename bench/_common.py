@@ -55,19 +55,25 @@ def postgres_server() -> Iterator[str]:
 @contextmanager
 def bench_database() -> Iterator[str]:
     """URL of a fresh, empty database that is dropped when the block ends."""
-    with postgres_server() as server_url:
-        admin = create_engine(server_url).execution_options(isolation_level="AUTOCOMMIT")
-        name = f"bench_{secrets.token_hex(6)}"
-        # DDL takes no bind parameters for names; this one is generated above, never taken from input.
-        quoted = admin.dialect.identifier_preparer.quote(name)
+    with postgres_server() as server_url, fresh_database(server_url) as url:
+        yield url
+
+
+@contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """URL of a new ``bench_<random>`` database on ``server_url``, dropped with its connections at the end."""
+    admin = create_engine(server_url).execution_options(isolation_level="AUTOCOMMIT")
+    name = f"bench_{secrets.token_hex(6)}"
+    # DDL takes no bind parameters for names; this one is generated above, never taken from input.
+    quoted = admin.dialect.identifier_preparer.quote(name)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {quoted}"))
+    try:
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
         with admin.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {quoted}"))
-        try:
-            yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-            admin.dispose()
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
+        admin.dispose()
 
 
 def describe_server(engine: sa.Engine) -> str:
