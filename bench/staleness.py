@@ -53,6 +53,7 @@ import os
 import queue
 import secrets
 import signal
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -768,8 +769,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM unwind ``main``'s ExitStack, so every server and process it started stops. A
+    shell that starts this in the background may have left SIGINT ignored, so it is set explicitly."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    stop_on_signals()
     warm, per_phase = round(args.rate * WARMUP_SECONDS), round(args.rate * args.minutes * 60)
     scale = scale_for(warm + 2 * per_phase)
     with console.status(f"building the simulator graph (scale {scale:g}) and the event stream"):
