@@ -155,12 +155,7 @@ def api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
         _wait_healthy(url, process, log_path)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> None:
@@ -179,3 +174,13 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path, ti
 
 def _log_tail(log_path: Path) -> str:
     return log_path.read_text(errors="replace")[-3000:]
+
+
+def stop_process(process: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """Terminate a server the benchmark started; kill it if it has not gone in 15 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

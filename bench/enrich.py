@@ -67,7 +67,7 @@ from enrichment_assets.simulator.catalog import DERIVED_EDGES, SOURCES
 from enrichment_assets.simulator.events import thin_events
 from enrichment_assets.simulator.graph import MdsGraph, generate_graph
 
-from _common import bench_database, console, describe_server, print_table
+from _common import bench_database, console, describe_server, print_table, stop_process
 
 SEED = 7
 OWNER = "bench-enrich"
@@ -106,12 +106,7 @@ def simulator_process(scale: float, latency_ms: float, log_path: Path) -> Iterat
             time.sleep(0.1)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def _tail(log_path: Path) -> str:

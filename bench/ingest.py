@@ -47,7 +47,7 @@ from enrichment_assets.factstore import FactStore
 from enrichment_assets.factstore.schema import entities
 from enrichment_assets.settings import Settings
 
-from _common import bench_database, console, describe_server, median, percentile, print_table, verdict
+from _common import bench_database, console, describe_server, median, percentile, print_table, stop_process, verdict
 
 BARE_TABLE = "bench_bare_upsert"
 # The columns FactStore.ingest_events writes; the bare upsert overwrites all but the key and first_seen_at.
@@ -236,12 +236,7 @@ def api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
         wait_healthy(url, process, log_path)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> None:

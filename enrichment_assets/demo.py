@@ -31,7 +31,7 @@ from enrichment_assets.api.server import BackgroundServer
 from enrichment_assets.console import console, humanize_seconds, status_table
 from enrichment_assets.devservers import LocalElasticsearch, LocalPostgres, free_port
 from enrichment_assets.factstore import FactStore
-from enrichment_assets.orchestration import LocalDagster
+from enrichment_assets.orchestration import LOCATION, LocalDagster
 from enrichment_assets.policy import Policy, load_policy
 from enrichment_assets.search import SearchIndex
 from enrichment_assets.sensors import IN_FLIGHT
@@ -79,7 +79,7 @@ def run_demo(settings: Settings) -> None:
         _summary(store, policy, stats, dagster)
         _reads(api.url, settings, policy)
         _latency(searchable)
-        _linger(dagster)
+        _linger(dagster, _showcase_type(policy))
 
 
 def _stop_on_signals() -> None:
@@ -265,9 +265,7 @@ def _summary(store: FactStore, policy: Policy, stats: dict, dagster: LocalDagste
         calls.add_row(name, f"{source['requests']:,}", str(source["peak_rps"]))
     out.print(calls)
 
-    # The type with the most derived relations, and one of its entities that has all of them, makes
-    # the best example of multi-hop answers.
-    root_type = max(policy.policies, key=lambda t: len(policy.effective(t).edges))
+    root_type = _showcase_type(policy)
     candidates = [set(store.edge_sources(root_type, r.relation, limit=500)) for r in policy.effective(root_type).edges]
     complete = set.intersection(*candidates) if candidates else set()
     for sample in sorted(complete)[:1]:
@@ -284,7 +282,7 @@ def _summary(store: FactStore, policy: Policy, stats: dict, dagster: LocalDagste
 def _reads(api_url: str, settings: Settings, policy: Policy) -> None:
     """What a user does next: search, then walk the edges of a hit, each answer with its staleness."""
     out = console()
-    root_type = max(policy.policies, key=lambda t: len(policy.effective(t).edges))
+    root_type = _showcase_type(policy)
     headers = {"authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
     with httpx.Client(base_url=api_url, timeout=30, headers=headers) as client:
         [hit] = client.get("/v1/search", params={"q": "", "type": root_type, "size": 1}).json()["hits"]
@@ -309,9 +307,14 @@ def _latency(searchable: list[float]) -> None:
                     "each run pays Dagster's few seconds of launch)")
 
 
-def _linger(dagster: LocalDagster) -> None:
+def _showcase_type(policy: Policy) -> str:
+    """The type with the most derived relations: its entities make the best example of multi-hop answers."""
+    return max(policy.policies, key=lambda t: len(policy.effective(t).edges))
+
+
+def _linger(dagster: LocalDagster, group: str) -> None:
     out = console()
-    lineage = f"{dagster.url}/locations/enrichment_assets/asset-groups/model_instance"
+    lineage = f"{dagster.url}/locations/{LOCATION}/asset-groups/{group}"
     out.print(f"\nDagster UI: [bold]{dagster.url}[/bold]  lineage of one branch: {lineage}\n"
               "Next: `.venv/bin/enrichment status`, `.venv/bin/enrichment search <words>`, a backfill from the UI "
               "(it recomputes the partitions you pick).")

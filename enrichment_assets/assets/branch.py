@@ -168,14 +168,13 @@ def build_branch(policy: Policy, entity_type: str) -> list[dg.AssetsDefinition]:
     owners = ["team:data-platform"]
     relations = ", ".join(f"`{rule.relation}` via {' -> '.join(rule.path)}" for rule in effective.edges) or "none"
     tags = {"entity_type": entity_type}
+    # What every asset of the branch shares.
+    common: dict[str, Any] = {"group_name": group, "partitions_def": partitions, "owners": owners, "tags": tags}
 
     @dg.asset(
         key=[entity_type, "candidates"],
-        group_name=group,
-        partitions_def=partitions,
         kinds={"postgres", "pandas"},
-        owners=owners,
-        tags=tags,
+        **common,
         description=f"""{entity_type} entities this run enriches, leased from the fact store's claim queue.
 
 Incremental runs (the sensor, the schedules) take the due ones first seen in the partition: uncached,
@@ -219,11 +218,8 @@ partition. Leases expire if the run dies, so its entities are picked up again.""
         key=[entity_type, "hydrated"],
         ins={"candidates": dg.AssetIn(key=[entity_type, "candidates"])},
         deps=[source_key(s) for s in touched],
-        group_name=group,
-        partitions_def=partitions,
         kinds={"http", "pandas"},
-        owners=owners,
-        tags=tags,
+        **common,
         pool=pool_name(policy, entity_type),
         description=f"""The candidates hydrated from {source}, with every hop of their policy paths
 ({relations}).
@@ -292,11 +288,8 @@ stored here; the roots' outcomes are settled by `{entity_type}/edges`.""",
     @dg.asset(
         key=[entity_type, "edges"],
         ins={"hydrated": dg.AssetIn(key=[entity_type, "hydrated"])},
-        group_name=group,
-        partitions_def=partitions,
         kinds={"postgres", "pandas"},
-        owners=owners,
-        tags=tags,
+        **common,
         description=f"""Derived edges of {entity_type} ({relations}) written to the fact store with their
 paths as provenance, and the candidates' new states, in one transaction per batch.
 
@@ -344,11 +337,8 @@ than before makes every entity whose path went through it due again. Rows: the e
     @dg.asset(
         key=[entity_type, "index_updates"],
         ins={"edges": dg.AssetIn(key=[entity_type, "edges"])},
-        group_name=group,
-        partitions_def=partitions,
         kinds={"elasticsearch", "pandas"},
-        owners=owners,
-        tags=tags,
+        **common,
         freshness_policy=_freshness(effective.staleness_budget),
         description=f"""Search documents brought up to date: both ends of every changed edge, the
 partition's own entities, and anything else waiting in the search outbox, written with external
