@@ -418,3 +418,17 @@ def test_re_executing_a_failed_run_from_its_failure_settles_the_original_leases(
     assert settled.metadata["enriched"].value == len(features)
     assert settled.metadata["leases_lost"].value == 0
     assert all(live_store.get_entity("feature", f).state == "fully_enriched" for f in features)
+
+
+def test_run_config_that_would_claim_nothing_forever_is_refused(
+    defs: dg.Definitions, resources: dict[str, Any], live_store: FactStore, graph: MdsGraph
+) -> None:
+    ingest(live_store, graph)
+    job = defs.resolve_job_def("feature_enrichment")
+    with dg.instance_for_test() as instance:
+        for field in ("limit", "batch_size", "lease_minutes"):
+            result = job.execute_in_process(
+                partition_key=today(), instance=instance, resources=resources, raise_on_error=False,
+                run_config={"ops": {"feature__candidates": {"config": {field: 0}}}})
+            assert not result.success, field
+    assert all(live_store.get_entity("feature", f).claim_owner is None for f in graph.entities["feature"])

@@ -19,6 +19,7 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
+import pydantic
 
 from enrichment_assets.factstore import Claim, DerivedEdge, Outcome, Staleness
 from enrichment_assets.hydration.propagation import affected_roots
@@ -45,13 +46,14 @@ class CandidatesConfig(dg.Config):
     """How a run picks its candidates. Incremental runs take at most ``limit`` due entities (the sensor
     asks again for the rest); a recompute takes every entity of the partition."""
 
-    limit: int = 5000
-    batch_size: int = 500
-    lease_minutes: float = 30.0
+    # Positive, or a claim loop asking for nothing would never end.
+    limit: int = pydantic.Field(default=5000, gt=0)
+    batch_size: int = pydantic.Field(default=500, gt=0)
+    lease_minutes: float = pydantic.Field(default=30.0, gt=0)
 
 
 class HydrateConfig(dg.Config):
-    batch_size: int = 500
+    batch_size: int = pydantic.Field(default=500, gt=0)
 
 
 def source_key(system: str) -> dg.AssetKey:
