@@ -212,3 +212,33 @@ def test_read_ahead_keeps_order_and_hands_over_the_producers_error() -> None:
     abandoned = read_ahead(iter(range(10**6)))
     assert next(abandoned) == 0
     abandoned.close()  # the consumer stops early: the producer thread stops too
+
+
+def test_one_outbox_drain_at_a_time_across_processes(store: FactStore, search_index: SearchIndex) -> None:
+    """Another process's drain (a second engine, so a second session) holds the lock: this sync waits
+    for it instead of racing it for the same documents, then writes what is still behind."""
+    ingest(store, "a", "a1", "a2")
+    other = FactStore.from_url(store.engine.url.render_as_string(hide_password=False))
+    finished = threading.Event()
+    reports = []
+
+    def drain() -> None:
+        reports.append(sync_index(store, POLICY, search_index))
+        finished.set()
+
+    try:
+        with other.draining_outbox():
+            worker = threading.Thread(target=drain)
+            worker.start()
+            assert not finished.wait(1.5), "the second drain waits for the first"
+            assert doc(search_index, "a", "a1") is None
+        assert finished.wait(30)
+        worker.join()
+    finally:
+        other.dispose()
+    [report] = reports
+    assert report.indexed == 2 and report.superseded == 0
+    assert report.waited_seconds >= 1.0
+    assert doc(search_index, "a", "a2")["state"] == "pending"
+    with store.draining_outbox():
+        pass  # released: taking it again does not block

@@ -344,7 +344,8 @@ than before makes every entity whose path went through it due again. Rows: the e
         freshness_policy=_freshness(effective.staleness_budget),
         description=f"""Search documents brought up to date: both ends of every changed edge, the
 partition's own entities, and anything else waiting in the search outbox, written with external
-versions so an older write never overwrites a newer one.
+versions so an older write never overwrites a newer one. One drain runs at a time across all runs (a
+lock in the fact store); a run that finds another draining waits, then writes what is left.
 
 Its freshness policy fails when no {entity_type} enrichment has completed within the type's staleness
 budget ({effective.staleness_budget}); the `staleness_budget` check holds each entity to that budget.""",
@@ -368,6 +369,7 @@ budget ({effective.staleness_budget}); the `staleness_budget` check holds each e
                 "documents_deleted": dg.MetadataValue.int(result.deleted),
                 "superseded": dg.MetadataValue.int(result.superseded),
                 "failures": dg.MetadataValue.int(len(result.failures)),
+                "waited_for_other_drain_s": dg.MetadataValue.float(round(result.waited_seconds, 2)),
             })
             if result.failures:
                 context.log.warning(f"{len(result.failures)} documents stay in the outbox for the next sync: "

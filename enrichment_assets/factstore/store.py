@@ -8,8 +8,10 @@ here and nowhere else.
 from __future__ import annotations
 
 import random
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -41,6 +43,11 @@ _WINDOW_LENGTH: dict[str, timedelta] = {"hour": timedelta(hours=1), "day": timed
 _SQLITE_TRUNC = {"hour": "%Y-%m-%d %H:00:00", "day": "%Y-%m-%d 00:00:00"}
 # Keeps tuple IN lists and executemany pages well inside every driver's parameter limits.
 _KEY_CHUNK = 500
+
+
+# Any constant distinct from the migrations' key; the same in every process that drains this database.
+_OUTBOX_LOCK_KEY = 0x656E7269636802
+_SQLITE_DRAIN_LOCK = threading.Lock()
 
 
 def utcnow() -> datetime:
@@ -404,6 +411,29 @@ class FactStore:
             return sorted((enriched - seen).total_seconds() for seen, enriched in rows)
 
     # -- the search outbox ---------------------------------------------------------------------------
+
+    @contextmanager
+    def draining_outbox(self) -> Iterator[None]:
+        """Hold the search outbox's drain lock: one drain at a time across every process.
+
+        Concurrent drains read the same head of the outbox and write the same documents, so all but
+        one write per document is refused as superseded: pure waste. A second drain waits here instead,
+        then finds only what was enqueued meanwhile. PostgreSQL: a session advisory lock on a connection
+        held for the drain (released by the server if the process dies). SQLite serializes writers by
+        itself and is single-machine, so there the lock is per process.
+        """
+        if self.dialect != "postgresql":
+            with _SQLITE_DRAIN_LOCK:
+                yield
+            return
+        with self.engine.connect() as conn:
+            conn.execute(sa.select(sa.func.pg_advisory_lock(_OUTBOX_LOCK_KEY)))
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sa.select(sa.func.pg_advisory_unlock(_OUTBOX_LOCK_KEY)))
+                conn.commit()
 
     def index_backlog(self, *, limit: int) -> list[EntityKey]:
         """Entities whose search document is behind the fact store."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -28,6 +29,7 @@ class IndexReport:
     superseded: int = 0
     failures: dict[str, str] = field(default_factory=dict)
     changed: set[EntityKey] = field(default_factory=set)
+    waited_seconds: float = 0.0  # for another process's drain to finish
 
 
 def actions_for(store: FactStore, policy: Policy, keys: list[EntityKey]) -> tuple[list[Action], dict[str, EntityKey]]:
@@ -42,6 +44,20 @@ def actions_for(store: FactStore, policy: Policy, keys: list[EntityKey]) -> tupl
 
 def sync_index(store: FactStore, policy: Policy, index: SearchIndex, *, batch_size: int = 1000,
                max_rounds: int = 1000) -> IndexReport:
+    """Drain the outbox into the index, one drain at a time across every process sharing the store.
+
+    A caller that finds another drain running waits for it, then writes only what is still behind
+    (usually what was enqueued meanwhile), instead of racing it for the same documents.
+    """
+    started = time.monotonic()
+    with store.draining_outbox():
+        waited = time.monotonic() - started
+        report = _drain(store, policy, index, batch_size=batch_size, max_rounds=max_rounds)
+    report.waited_seconds = waited
+    return report
+
+
+def _drain(store: FactStore, policy: Policy, index: SearchIndex, *, batch_size: int, max_rounds: int) -> IndexReport:
     report = IndexReport()
     for _ in range(max_rounds):
         keys = store.index_backlog(limit=batch_size)
