@@ -16,17 +16,18 @@ from enrichment_assets.partitions import partition_key
 from enrichment_assets.policy import Policy
 from enrichment_assets.resources import FactStoreResource
 
-IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-             dg.DagsterRunStatus.STARTED]
+NOT_STARTED = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING]
+IN_FLIGHT = [*NOT_STARTED, dg.DagsterRunStatus.STARTED]
 
 
 def job_name(entity_type: str) -> str:
     return f"{entity_type}_enrichment"
 
 
-def in_flight(instance: dg.DagsterInstance, job_names: Iterable[str]) -> set[tuple[str, str]]:
-    """(job, partition) of every run queued or running for the given jobs."""
-    runs = instance.get_runs(filters=dg.RunsFilter(job_name=None, statuses=IN_FLIGHT))
+def waiting(instance: dg.DagsterInstance, job_names: Iterable[str]) -> set[tuple[str, str]]:
+    """(job, partition) of every run of the given jobs that is queued or starting: it has not claimed
+    anything yet, so it will take whatever is due when it starts."""
+    runs = instance.get_runs(filters=dg.RunsFilter(statuses=NOT_STARTED))
     names = set(job_names)
     return {(r.job_name, r.tags.get("dagster/partition", "")) for r in runs if r.job_name in names}
 
@@ -52,7 +53,7 @@ def due_requests(
     intervals = {t: policy.effective(t).refresh_interval for t in types} if refresh else None
     due = [w for w in store.due_work(granularity=policy.defaults.partition_granularity,
                                      refresh_intervals=intervals) if w.entity_type in types]
-    busy = in_flight(instance, [job_name(t) for t in types])
+    busy = waiting(instance, [job_name(t) for t in types])
     requests: list[dg.RunRequest] = []
     keys: dict[str, str] = {}
     orphans: list[DueWork] = []
@@ -88,8 +89,9 @@ def build_sensor(policy: Policy, jobs: list[Any]) -> dg.SensorDefinition:
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Requests one incremental run per (entity type, partition) with due work: new uncached "
         "entities, partial ones due for retry, and those whose forward references have arrived. The run "
-        "key names the due set, so a repeated tick launches nothing; a pair with a run in flight is left "
-        f"to it; at most {max_runs} runs per tick (ENRICHMENT_SENSOR_MAX_RUNS).",
+        "key names the due set, so a repeated tick launches nothing; due work excludes entities leased by "
+        "running runs, and a pair with a run still queued is left to it; at most "
+        f"{max_runs} runs per tick (ENRICHMENT_SENSOR_MAX_RUNS).",
     )
     def uncached_entities_sensor(context: dg.SensorEvaluationContext,
                                  fact_store: FactStoreResource) -> dg.SensorResult:
@@ -108,7 +110,7 @@ def build_sensor(policy: Policy, jobs: list[Any]) -> dg.SensorDefinition:
         cursor = json.dumps({"requested": requested, "woken": woken}, sort_keys=True)
         if not requests:
             reason = ("nothing is due" if not keys else
-                      f"{len(keys)} (type, partition) pairs are due but already have a run in flight or requested")
+                      f"{len(keys)} (type, partition) pairs are due but already have a run queued or requested")
             return dg.SensorResult(skip_reason=reason, cursor=cursor)
         context.log.info(f"requesting {len(requests)} runs ({woken} waiters woken)")
         return dg.SensorResult(run_requests=requests, cursor=cursor)

@@ -279,16 +279,28 @@ def test_sensor_requests_one_run_per_type_and_partition_and_a_repeated_tick_none
         assert repeat_requested == expected - requested, "the rest of what the cap held back"
 
 
-def test_sensor_leaves_a_partition_with_a_run_in_flight_alone(
+def test_sensor_leaves_a_queued_run_alone_and_gives_a_started_runs_leftovers_their_own_run(
     defs: dg.Definitions, database: str, live_store: FactStore, graph: MdsGraph
 ) -> None:
     ingest(live_store, graph)
+    pair = ("model_instance_enrichment", today())
+    due = {w.entity_type: w.due for w in live_store.due_work()}["model_instance"]
+    job = defs.resolve_job_def("model_instance_enrichment")
     with dg.instance_for_test() as instance:
-        job = defs.resolve_job_def("model_instance_enrichment")
+        queued = instance.create_run_for_job(job, run_config={}, tags={"dagster/partition": today()},
+                                             status=dg.DagsterRunStatus.NOT_STARTED)
+        result = evaluate_sensor(defs, instance, database)
+        assert pair not in {(r.job_name, r.partition_key) for r in result.run_requests}, \
+            "a run not started yet will claim everything due when it starts"
+
+        # It starts and leases part of the due set; what it did not take gets a run of its own.
+        instance.delete_run(queued.run_id)
         instance.create_run_for_job(job, run_config={}, tags={"dagster/partition": today()},
                                     status=dg.DagsterRunStatus.STARTED)
+        live_store.claim("model_instance", limit=due - 5, owner="dagster:started", lease=timedelta(minutes=5))
         result = evaluate_sensor(defs, instance, database)
-    assert ("model_instance_enrichment", today()) not in {(r.job_name, r.partition_key) for r in result.run_requests}
+    [request] = [r for r in result.run_requests if (r.job_name, r.partition_key) == pair]
+    assert request.run_key.endswith("|5"), "its run key counts only the 5 entities nobody has leased"
 
 
 def test_retry_sweep_requests_runs_for_due_retries(
