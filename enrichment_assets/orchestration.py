@@ -29,6 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCATION = "enrichment_assets"
 
 
+# Launching a run worker takes seconds (a process that imports the code location); threads let the
+# daemon launch the sensor's runs side by side instead of one after another, and it looks at the queue
+# every 2 s instead of 5. (Run limits stay in `concurrency`, which Dagster checks against this block.)
+RUN_COORDINATOR: dict[str, Any] = {
+    "module": "dagster",
+    "class": "QueuedRunCoordinator",
+    "config": {"dequeue_use_threads": True, "dequeue_num_workers": 4, "dequeue_interval_seconds": 2},
+}
+
+
 def instance_config(*, max_concurrent_runs: int = 4, postgres_url: str | None = None) -> dict[str, Any]:
     """``dagster.yaml`` for a local instance. Every pool (one per source system, see the branch
     factory) admits one hydration step at a time across all runs."""
@@ -38,6 +48,7 @@ def instance_config(*, max_concurrent_runs: int = 4, postgres_url: str | None = 
             "runs": {"max_concurrent_runs": max_concurrent_runs},
             "pools": {"default_limit": 1},
         },
+        "run_coordinator": RUN_COORDINATOR,
         # Dagster's own code-server heartbeat is slow to notice a run worker killed with its group.
         "run_monitoring": {"enabled": True, "start_timeout_seconds": 180},
     }

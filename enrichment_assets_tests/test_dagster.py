@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 
 from enrichment_assets.events import Event
 from enrichment_assets.factstore import FactStore
+from enrichment_assets.orchestration import write_instance_yaml
 from enrichment_assets.resources import FactStoreResource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,3 +59,20 @@ def test_shipped_dagster_yaml_uses_postgres_from_env(
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert instance.get_runs_count() == 0
+        assert_launches_side_by_side(instance, max_runs=8)
+
+
+def assert_launches_side_by_side(instance: dg.DagsterInstance, *, max_runs: int) -> None:
+    """Threaded dequeue (a run worker takes seconds to start), with the run limit still in force."""
+    coordinator = instance.run_coordinator
+    assert isinstance(coordinator, dg.QueuedRunCoordinator)
+    assert coordinator.dequeue_use_threads and coordinator.dequeue_num_workers == 4
+    assert coordinator.dequeue_interval_seconds == 2
+    assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == max_runs
+    assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+
+
+def test_local_instance_config_loads_with_threaded_dequeue(tmp_path: Path) -> None:
+    write_instance_yaml(tmp_path, max_concurrent_runs=3)
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert_launches_side_by_side(instance, max_runs=3)
