@@ -17,7 +17,7 @@ Measured, for ``--samples`` model instances drawn at random (seeded):
    paths and fields come from the shipped policy (``policies/mds.yaml``). Once per sampled id, after
    a few untimed walks.
 3. For reference: ``GET /healthz`` over the same API connection (HTTP plus one database ping), and
-   the handler's fact-store reads in-process (``get_entity`` + ``edges_of``, no HTTP).
+   the handler's fact-store read in-process (``FactStore.entity_edges``, no HTTP).
 
 Correctness: for every sampled id, the A/B test set of the walk and of the edge API are compared
 (and each with the simulator's own graph); mismatches are counted.
@@ -168,8 +168,8 @@ def healthz(client: httpx.Client) -> Callable[[str], set[str]]:
 
 def in_process(store: FactStore) -> Callable[[str], set[str]]:
     def read(entity_id: str) -> set[str]:
-        store.get_entity(ROOT_TYPE, entity_id)
-        return {e["dst_id"] for e in store.edges_of(ROOT_TYPE, entity_id, relation=RELATION)}
+        _, found, _ = store.entity_edges(ROOT_TYPE, entity_id, relation=RELATION, limit=1000)
+        return {e["dst_id"] for e in found}
 
     return read
 
@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     walk = Timings(f"sync walk on read ({args.latency_ms:.0f} ms per source GET)", walk_ms, per_walk)
     edge = Timings(f"materialized: GET .../edges?relation={RELATION}", edge_ms)
     references = [Timings("  reference: GET /healthz (HTTP + DB ping)", health_ms),
-                  Timings("  reference: get_entity + edges_of in-process", local_ms, 0.0)]
+                  Timings("  reference: FactStore.entity_edges in-process", local_ms, 0.0)]
     caption += (f"\nsimulator seed {args.seed}, scale {args.scale}: {sum(graph.counts().values()):,} entities; "
                 f"{len(ids):,} sampled {ROOT_TYPE} ids; all requests sequential over one keep-alive connection")
     report(walk, edge, references, walk_answers, edge_answers, truth, caption)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from functools import partial
 from datetime import datetime
 from typing import Any
 
@@ -117,7 +118,8 @@ def create_app(store: FactStore, settings: Settings, search: SearchIndex | None 
         if not 1 <= limit <= MAX_EDGE_LIMIT:
             return JSONResponse({"error": f"limit must be an integer from 1 to {MAX_EDGE_LIMIT}"}, status_code=400)
         record, edges, total = await run_in_threadpool(
-            _entity_and_edges, store, entity_type, entity_id, relation, direction, limit)
+            partial(store.entity_edges, relation=relation, direction=direction, limit=limit),  # type: ignore[arg-type]
+            entity_type, entity_id)
         if record is None:
             return JSONResponse({"error": f"no entity {entity_type}/{entity_id} in the fact store"}, status_code=404)
         now = store.now()
@@ -208,18 +210,6 @@ def _staleness(last_enriched_at: str | None, now: datetime) -> float | None:
     if not last_enriched_at:
         return None
     return max((now - datetime.fromisoformat(last_enriched_at)).total_seconds(), 0.0)
-
-
-def _entity_and_edges(
-    store: FactStore, entity_type: str, entity_id: str, relation: str | None, direction: str, limit: int
-) -> tuple[EntityRecord | None, list[dict[str, Any]], int]:
-    record = store.get_entity(entity_type, entity_id)
-    if record is None:
-        return None, [], 0
-    edges = store.edges_of(entity_type, entity_id, relation=relation, direction=direction, limit=limit)  # type: ignore[arg-type]
-    total = len(edges) if len(edges) < limit else store.edge_total(entity_type, entity_id, relation=relation,
-                                                                     direction=direction)  # type: ignore[arg-type]
-    return record, edges, total
 
 
 def _ping(store: FactStore) -> None:

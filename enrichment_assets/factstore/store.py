@@ -356,29 +356,35 @@ class FactStore:
                  limit: int | None = None) -> list[dict[str, Any]]:
         """Derived edges from the entity (``out``) or into it (``in``), with their provenance; at most
         ``limit``, ordered by relation and the other end."""
-        if direction not in ("out", "in"):
-            raise ValueError(f"direction must be 'out' or 'in', not {direction!r}")
-        this, other = (("src_type", "src_id"), ("dst_type", "dst_id"))[:: 1 if direction == "out" else -1]
-        where = [edges.c[this[0]] == entity_type, edges.c[this[1]] == entity_id]
-        if relation is not None:
-            where.append(edges.c.relation == relation)
-        if not include_retracted:
-            where.append(edges.c.retracted_at.is_(None))
-        stmt = sa.select(edges).where(*where).order_by(edges.c.relation, edges.c[other[0]], edges.c[other[1]])
-        if limit is not None:
-            stmt = stmt.limit(limit)
+        stmt = _edges_stmt(entity_type, entity_id, relation, direction, include_retracted, limit)
         with self.engine.connect() as conn:
             return [dict(row) for row in conn.execute(stmt).mappings()]
 
     def edge_total(self, entity_type: str, entity_id: str, *, relation: str | None = None,
                    direction: Literal["out", "in"] = "out") -> int:
         """How many live edges ``edges_of`` would return without a limit."""
-        this = ("src_type", "src_id") if direction == "out" else ("dst_type", "dst_id")
-        where = [edges.c[this[0]] == entity_type, edges.c[this[1]] == entity_id, edges.c.retracted_at.is_(None)]
-        if relation is not None:
-            where.append(edges.c.relation == relation)
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).where(*where)).scalar_one()
+            return conn.execute(_edge_total_stmt(entity_type, entity_id, relation, direction)).scalar_one()
+
+    def entity_edges(self, entity_type: str, entity_id: str, *, relation: str | None = None,
+                     direction: Literal["out", "in"] = "out", limit: int
+                     ) -> tuple[EntityRecord | None, list[dict[str, Any]], int]:
+        """The read API's edge lookup: the entity, its first ``limit`` live edges and their total, on
+        one pooled connection, on PostgreSQL outside a transaction (no BEGIN/ROLLBACK round trips for a
+        read; SQLite's engine begins every transaction as a writer, so there it stays in one)."""
+        stmt = _edges_stmt(entity_type, entity_id, relation, direction, False, limit)
+        with self._reader() as conn:
+            row = conn.execute(_entity_stmt(entity_type, entity_id)).first()
+            if row is None:
+                return None, [], 0
+            found = [dict(r) for r in conn.execute(stmt).mappings()]
+            total = len(found) if len(found) < limit else conn.execute(
+                _edge_total_stmt(entity_type, entity_id, relation, direction)).scalar_one()
+        return EntityRecord(*row), found, total
+
+    def _reader(self) -> sa.Connection:
+        conn = self.engine.connect()
+        return conn.execution_options(isolation_level="AUTOCOMMIT") if self.dialect == "postgresql" else conn
 
     def edge_counts(self) -> dict[tuple[str, str, str], int]:
         """Live derived edges per (source type, relation, target type)."""
@@ -575,11 +581,7 @@ class FactStore:
 
     def get_entity(self, entity_type: str, entity_id: str) -> EntityRecord | None:
         with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(*[entities.c[f] for f in EntityRecord.__dataclass_fields__]).where(
-                    entities.c.entity_type == entity_type, entities.c.entity_id == entity_id
-                )
-            ).first()
+            row = conn.execute(_entity_stmt(entity_type, entity_id)).first()
         return EntityRecord(*row) if row else None
 
     def status(self) -> list[TypeStatus]:
@@ -607,6 +609,33 @@ class FactStore:
 
     def now(self) -> datetime:
         return self._clock()
+
+
+def _entity_stmt(entity_type: str, entity_id: str) -> sa.Select[Any]:
+    return sa.select(*[entities.c[f] for f in EntityRecord.__dataclass_fields__]).where(
+        entities.c.entity_type == entity_type, entities.c.entity_id == entity_id)
+
+
+def _edges_stmt(entity_type: str, entity_id: str, relation: str | None, direction: str,
+                include_retracted: bool, limit: int | None) -> sa.Select[Any]:
+    if direction not in ("out", "in"):
+        raise ValueError(f"direction must be 'out' or 'in', not {direction!r}")
+    this, other = (("src_type", "src_id"), ("dst_type", "dst_id"))[:: 1 if direction == "out" else -1]
+    where = [edges.c[this[0]] == entity_type, edges.c[this[1]] == entity_id]
+    if relation is not None:
+        where.append(edges.c.relation == relation)
+    if not include_retracted:
+        where.append(edges.c.retracted_at.is_(None))
+    stmt = sa.select(edges).where(*where).order_by(edges.c.relation, edges.c[other[0]], edges.c[other[1]])
+    return stmt if limit is None else stmt.limit(limit)
+
+
+def _edge_total_stmt(entity_type: str, entity_id: str, relation: str | None, direction: str) -> sa.Select[Any]:
+    this = ("src_type", "src_id") if direction == "out" else ("dst_type", "dst_id")
+    where = [edges.c[this[0]] == entity_type, edges.c[this[1]] == entity_id, edges.c.retracted_at.is_(None)]
+    if relation is not None:
+        where.append(edges.c.relation == relation)
+    return sa.select(sa.func.count()).where(*where)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
