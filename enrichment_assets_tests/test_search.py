@@ -14,7 +14,7 @@ import pytest
 from enrichment_assets.events import Event
 from enrichment_assets.factstore import DerivedEdge, FactStore, Outcome, RetryPolicy
 from enrichment_assets.policy import load_policy
-from enrichment_assets.search import Action, SearchIndex, document_id, reconcile, rebuild_index, sync_index
+from enrichment_assets.search import Action, SearchIndex, document_id, reconcile, rebuild_index, sync_changed, sync_index
 
 POLICY = load_policy(Path(__file__).parent / "policies" / "chain.yaml")
 LEASE = timedelta(minutes=5)
@@ -242,3 +242,26 @@ def test_one_outbox_drain_at_a_time_across_processes(store: FactStore, search_in
     assert doc(search_index, "a", "a2")["state"] == "pending"
     with store.draining_outbox():
         pass  # released: taking it again does not block
+
+
+def test_a_run_writes_its_own_documents_at_once_and_leaves_the_rest_to_a_running_drain(
+    store: FactStore, search_index: SearchIndex
+) -> None:
+    ingest(store, "a", "a1", "a2", "a3")
+    other = FactStore.from_url(store.engine.url.render_as_string(hide_password=False))
+    try:
+        with other.draining_outbox() as held:
+            assert held
+            own, drained = sync_changed(store, POLICY, search_index, [("a", "a1")])
+            assert drained is None, "another process is draining: the rest is left to it, without waiting"
+            assert own.indexed == 1 and own.changed == {("a", "a1")}
+            assert doc(search_index, "a", "a1")["state"] == "pending"
+            assert doc(search_index, "a", "a2") is None
+            assert set(store.index_backlog(limit=10)) == {("a", "a2"), ("a", "a3")}
+    finally:
+        other.dispose()
+
+    own, drained = sync_changed(store, POLICY, search_index, [("a", "a1")])
+    assert own.indexed == 0, "already written at its version"
+    assert drained is not None and drained.changed == {("a", "a2"), ("a", "a3")}
+    assert store.index_backlog(limit=10) == []

@@ -27,7 +27,7 @@ from enrichment_assets.hydration.walker import Walk, Walker, WalkReport
 from enrichment_assets.partitions import partitions_for
 from enrichment_assets.policy import Policy
 from enrichment_assets.resources import FactStoreResource, SearchResource, SourcesResource
-from enrichment_assets.search.sync import sync_index
+from enrichment_assets.search.sync import IndexReport, sync_changed
 
 MODE_TAG = "enrichment/mode"
 TRIGGER_TAG = "enrichment/trigger"
@@ -338,7 +338,7 @@ than before makes every entity whose path went through it due again. Rows: the e
 
     @dg.asset(
         key=[entity_type, "index_updates"],
-        ins={"edges": dg.AssetIn(key=[entity_type, "edges"])},
+        ins={"edges": dg.AssetIn(key=[entity_type, "edges"]), "hydrated": dg.AssetIn(key=[entity_type, "hydrated"])},
         kinds={"elasticsearch", "pandas"},
         **common,
         freshness_policy=_freshness(effective.staleness_budget),
@@ -350,8 +350,8 @@ lock in the fact store); a run that finds another draining waits, then writes wh
 Its freshness policy fails when no {entity_type} enrichment has completed within the type's staleness
 budget ({effective.staleness_budget}); the `staleness_budget` check holds each entity to that budget.""",
     )
-    def index_updates(context: dg.AssetExecutionContext, edges: pd.DataFrame, fact_store: FactStoreResource,
-                      search: SearchResource) -> pd.DataFrame:
+    def index_updates(context: dg.AssetExecutionContext, edges: pd.DataFrame, hydrated: pd.DataFrame,
+                      fact_store: FactStoreResource, search: SearchResource) -> pd.DataFrame:
         store = fact_store.store
         ends = sorted({(r.src_type, r.src_id) for r in edges.itertuples(index=False)}
                       | {(r.dst_type, r.dst_id) for r in edges.itertuples(index=False)})
@@ -362,14 +362,17 @@ budget ({effective.staleness_budget}); the `staleness_budget` check holds each e
             metadata["search"] = "off: set ELASTICSEARCH_URL to index"
             context.log.warning("search is off (ELASTICSEARCH_URL is not set); documents stay in the outbox")
         else:
-            result = sync_index(store, policy, index)
+            roots = {(r.entity_type, r.entity_id) for r in hydrated.itertuples(index=False)}
+            own, drained = sync_changed(store, policy, index, roots)
+            result = own if drained is None else IndexReport().merge(own).merge(drained)
             written = result.changed
             metadata.update({
                 "documents_indexed": dg.MetadataValue.int(result.indexed),
                 "documents_deleted": dg.MetadataValue.int(result.deleted),
+                "own_documents_indexed": dg.MetadataValue.int(own.indexed + own.deleted),
+                "outbox_drained_here": dg.MetadataValue.bool(drained is not None),
                 "superseded": dg.MetadataValue.int(result.superseded),
                 "failures": dg.MetadataValue.int(len(result.failures)),
-                "waited_for_other_drain_s": dg.MetadataValue.float(round(result.waited_seconds, 2)),
             })
             if result.failures:
                 context.log.warning(f"{len(result.failures)} documents stay in the outbox for the next sync: "

@@ -419,27 +419,34 @@ class FactStore:
     # -- the search outbox ---------------------------------------------------------------------------
 
     @contextmanager
-    def draining_outbox(self) -> Iterator[None]:
-        """Hold the search outbox's drain lock: one drain at a time across every process.
+    def draining_outbox(self, *, wait: bool = True) -> Iterator[bool]:
+        """Hold the search outbox's drain lock: one drain at a time across every process. Yields
+        whether the lock is held: with ``wait=False`` it is not taken when another drain holds it.
 
         Concurrent drains read the same head of the outbox and write the same documents, so all but
-        one write per document is refused as superseded: pure waste. A second drain waits here instead,
-        then finds only what was enqueued meanwhile. PostgreSQL: a session advisory lock on a connection
-        held for the drain (released by the server if the process dies). SQLite serializes writers by
-        itself and is single-machine, so there the lock is per process.
+        one write per document is refused as superseded: pure waste. PostgreSQL: a session advisory
+        lock on a connection held for the drain (released by the server if the process dies). SQLite
+        serializes writers by itself and is single-machine, so there the lock is per process.
         """
         if self.dialect != "postgresql":
-            with _SQLITE_DRAIN_LOCK:
-                yield
+            if not _SQLITE_DRAIN_LOCK.acquire(blocking=wait):
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                _SQLITE_DRAIN_LOCK.release()
             return
         with self.engine.connect() as conn:
-            conn.execute(sa.select(sa.func.pg_advisory_lock(_OUTBOX_LOCK_KEY)))
+            take = sa.func.pg_advisory_lock if wait else sa.func.pg_try_advisory_lock
+            held = conn.execute(sa.select(take(_OUTBOX_LOCK_KEY))).scalar() is not False
             conn.commit()
             try:
-                yield
+                yield held
             finally:
-                conn.execute(sa.select(sa.func.pg_advisory_unlock(_OUTBOX_LOCK_KEY)))
-                conn.commit()
+                if held:
+                    conn.execute(sa.select(sa.func.pg_advisory_unlock(_OUTBOX_LOCK_KEY)))
+                    conn.commit()
 
     def index_backlog(self, *, limit: int) -> list[EntityKey]:
         """Entities whose search document is behind the fact store."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -30,6 +30,15 @@ class IndexReport:
     failures: dict[str, str] = field(default_factory=dict)
     changed: set[EntityKey] = field(default_factory=set)
     waited_seconds: float = 0.0  # for another process's drain to finish
+
+    def merge(self, other: IndexReport) -> IndexReport:
+        self.indexed += other.indexed
+        self.deleted += other.deleted
+        self.superseded += other.superseded
+        self.failures.update(other.failures)
+        self.changed |= other.changed
+        self.waited_seconds += other.waited_seconds
+        return self
 
 
 def actions_for(store: FactStore, policy: Policy, keys: list[EntityKey]) -> tuple[list[Action], dict[str, EntityKey]]:
@@ -57,24 +66,54 @@ def sync_index(store: FactStore, policy: Policy, index: SearchIndex, *, batch_si
     return report
 
 
+def sync_changed(store: FactStore, policy: Policy, index: SearchIndex, keys: Iterable[EntityKey], *,
+                 batch_size: int = 1000) -> tuple[IndexReport, IndexReport | None]:
+    """Write ``keys``' documents now, then drain the rest of the outbox unless another process is.
+
+    What a run changed becomes searchable without queueing behind other runs. The rest (other ends of
+    changed edges, other runs' entities) is drained here, or left to the drain already running, which
+    cannot miss it: this process enqueued it before trying the lock, and a drain that lets the lock go
+    looks at the outbox again before it stops. Returns (the keys' report, the drain's or None if left).
+    """
+    own = IndexReport()
+    behind = sorted(store.index_behind(list(keys)))
+    for start in range(0, len(behind), batch_size):
+        _write(store, policy, index, behind[start : start + batch_size], own)
+    drained: IndexReport | None = None
+    while store.index_backlog(limit=1):
+        with store.draining_outbox(wait=False) as held:
+            if not held:
+                break  # the drain that holds the lock looks at the outbox again once it lets go
+            report = _drain(store, policy, index, batch_size=batch_size, max_rounds=1000)
+        drained = report if drained is None else drained.merge(report)
+        if not report.changed:
+            break  # only failures left: they stay in the outbox for the next sync
+    return own, drained
+
+
 def _drain(store: FactStore, policy: Policy, index: SearchIndex, *, batch_size: int, max_rounds: int) -> IndexReport:
     report = IndexReport()
     for _ in range(max_rounds):
         keys = store.index_backlog(limit=batch_size)
         if not keys:
             break
-        actions, ids = actions_for(store, policy, keys)
-        result = index.write(actions)
-        deletions = {a.doc_id for a in actions if a.document is None}
-        store.mark_indexed([(ids[doc_id], version) for doc_id, version in result.written])
-        report.deleted += sum(1 for doc_id, _ in result.written if doc_id in deletions)
-        report.indexed += sum(1 for doc_id, _ in result.written if doc_id not in deletions)
-        report.superseded += result.superseded
-        report.failures.update(result.failures)
-        report.changed.update(ids[doc_id] for doc_id, _ in result.written)
-        if not result.written:
+        if not _write(store, policy, index, keys, report):
             break  # only failures left this round: they stay in the outbox for the next sync
     return report
+
+
+def _write(store: FactStore, policy: Policy, index: SearchIndex, keys: list[EntityKey], report: IndexReport) -> int:
+    """Write ``keys``' documents at their current versions and acknowledge what the index took."""
+    actions, ids = actions_for(store, policy, keys)
+    result = index.write(actions)
+    deletions = {a.doc_id for a in actions if a.document is None}
+    store.mark_indexed([(ids[doc_id], version) for doc_id, version in result.written])
+    report.deleted += sum(1 for doc_id, _ in result.written if doc_id in deletions)
+    report.indexed += sum(1 for doc_id, _ in result.written if doc_id not in deletions)
+    report.superseded += result.superseded
+    report.failures.update(result.failures)
+    report.changed.update(ids[doc_id] for doc_id, _ in result.written)
+    return len(result.written)
 
 
 def rebuild_index(store: FactStore, policy: Policy, index: SearchIndex, *, batch_size: int = 1000,
