@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/claim.py
 	$(BIN)/python bench/enrich.py
+	$(BIN)/python bench/hydrate.py
 	$(BIN)/python bench/read.py
 	$(BIN)/python bench/reindex.py
 	$(BIN)/python bench/staleness.py

@@ -7,7 +7,8 @@ temporary directory and deleted at the end. Either way each benchmark runs in it
 
 The search server is ``BENCH_ELASTICSEARCH_URL`` when set (e.g. ``http://127.0.0.1:9200``); otherwise
 the Elasticsearch-compatible server from ``noida-db`` (``devservers.LocalElasticsearch``) is started in
-a temporary directory. ``api_server`` runs ``enrichment serve`` as a separate process on 127.0.0.1.
+a temporary directory. ``api_server`` runs ``enrichment serve`` as a separate process on 127.0.0.1, and
+``simulator_process`` the source simulator (``python -m enrichment_assets.simulator``) likewise.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import sqlalchemy as sa
@@ -33,6 +35,10 @@ from sqlalchemy.engine import make_url
 from enrichment_assets.api.server import free_port
 from enrichment_assets.devservers import LocalElasticsearch, LocalPostgres
 from enrichment_assets.factstore.engine import create_engine
+from enrichment_assets.simulator.catalog import SOURCES
+
+# The simulator graph's seed, the same in every benchmark that serves or walks it.
+SEED = 7
 
 # Piped output (a log, CI) gets tables wide enough to read instead of the 80-column default.
 console = Console(width=None if sys.stdout.isatty() else 130)
@@ -152,24 +158,68 @@ def api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, process, log_path)
+        _wait_healthy("enrichment serve", url, process, log_path)
         yield url
     finally:
         stop_process(process)
 
 
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> None:
+@contextmanager
+def simulator_process(
+    scale: float, latency_ms: float, log_path: Path, *, rate_limit_rps: float | None = None
+) -> Iterator[str]:
+    """Serve the seeded graph on a free 127.0.0.1 port until the block ends; yields its URL.
+
+    A separate process, like a real source: in a thread it would share the GIL with the code measured.
+    ``rate_limit_rps`` makes every source answer 429 above that many requests per second.
+    """
+    port = free_port()
+    command = [sys.executable, "-m", "enrichment_assets.simulator", "--host", "127.0.0.1",
+               "--port", str(port), "--seed", str(SEED), "--scale", str(scale),
+               "--latency-ms", str(latency_ms)]
+    if rate_limit_rps is not None:
+        command += ["--rate-limit-rps", str(rate_limit_rps)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy("the simulator", url, process, log_path)
+        yield url
+    finally:
+        stop_process(process)
+
+
+def source_environ(url: str) -> dict[str, str]:
+    """The policy's ``base_url_env`` variables pointing every source at the simulator (and nothing else)."""
+    return {spec.base_url_env: url + spec.prefix for spec in SOURCES.values()}
+
+
+def reset_stats(url: str) -> None:
+    """Zero the simulator's counters and request log."""
+    httpx.post(f"{url}/admin/reset", json={}, timeout=10).raise_for_status()
+
+
+def source_stats(url: str) -> dict[str, dict[str, Any]]:
+    """The simulator's counters per source since the last reset (requests, statuses, peak rps, batches)."""
+    response = httpx.get(f"{url}/admin/stats", timeout=10)
+    response.raise_for_status()
+    return response.json()["sources"]
+
+
+def _wait_healthy(
+    name: str, url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 60
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"enrichment serve exited with {process.returncode}:\n{_log_tail(log_path)}")
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{_log_tail(log_path)}")
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    raise RuntimeError(f"enrichment serve did not become healthy in {timeout:.0f}s:\n{_log_tail(log_path)}")
+    raise RuntimeError(f"{name} did not become healthy in {timeout:.0f}s:\n{_log_tail(log_path)}")
 
 
 def _log_tail(log_path: Path) -> str:

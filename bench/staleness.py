@@ -79,10 +79,9 @@ from enrichment_assets.simulator.events import thin_events
 from enrichment_assets.simulator.graph import BASE_COUNTS, MdsGraph, count_for, generate_graph
 
 from _common import (
-    api_server, console, describe_search, describe_server, elasticsearch_server, fresh_database, median,
-    percentile, postgres_server, print_table, verdict,
+    SEED, api_server, console, describe_search, describe_server, elasticsearch_server, fresh_database, median,
+    percentile, postgres_server, print_table, simulator_process, source_environ, verdict,
 )
-from enrich import SEED, simulator_process, source_environ
 
 ROOT_TYPE = "model_instance"
 NDJSON = {"content-type": "application/x-ndjson"}
