@@ -142,6 +142,16 @@ def test_hydrations_are_reused_while_fresh_and_never_bump_versions(store: FactSt
     assert store.fresh_attributes("thing", ["known", "new"], ttl=timedelta(minutes=10)) == {}
 
 
+def test_settling_on_a_reused_hydration_keeps_it_fresh(store: FactStore, clock) -> None:
+    store.record_walk([("thing", "hop", {"v": 1})], {})
+    clock.advance(seconds=1)
+    [claim] = store.claim("thing", limit=1, owner="w", lease=LEASE)
+    # No attributes: the walk reused the stored hydration instead of asking the source.
+    store.finish("w", [Outcome.of(claim, "enriched")], RETRY)
+    assert store.get_entity("thing", "hop").state == "fully_enriched"
+    assert store.fresh_attributes("thing", ["hop"], ttl=timedelta(minutes=10)) == {"hop": {"v": 1}}
+
+
 def test_an_event_makes_a_hydration_stale(store: FactStore, clock) -> None:
     store.record_walk([("thing", "a", {"v": 1})], {})
     clock.advance(seconds=1)

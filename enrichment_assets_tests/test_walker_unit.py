@@ -97,6 +97,18 @@ def test_hops_are_reused_from_the_store_while_fresh(store: FactStore) -> None:
     assert store.get_entity("b", "b1").state == "fully_enriched"
 
 
+def test_a_hop_settled_on_its_reused_hydration_is_not_fetched_again(store: FactStore) -> None:
+    sources = graph()
+    cycle(store, sources, ["a"])
+    cycle(store, sources, ["b", "c"])
+    sources.data[("a", "a3")] = {"id": "a3", "b_id": "b1"}
+    store.ingest_events([Event(entity_type="a", entity_id="a3", event_type="created")])
+    before = dict(sources.hits)
+    report = cycle(store, sources, ["a"])["a"]
+    assert report.result.enriched == 1 and edges(store, "a3") == {("reaches", "c1"), ("reaches", "c2")}
+    assert {k: n - before.get(k, 0) for k, n in sources.hits.items() if n != before.get(k)} == {("a", "a3"): 1}
+
+
 def test_missing_hop_is_a_forward_reference_then_resolves(store: FactStore) -> None:
     sources = graph()
     sources.data.pop(("c", "c2"))

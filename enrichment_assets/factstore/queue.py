@@ -87,7 +87,6 @@ def outcome_row(
         "last_enriched_at": None,
         "last_error": None,
         "waiting_on": None,
-        "now": now,
         "new_state": state,
         "attempts": attempts,
     }
@@ -139,7 +138,9 @@ def finish_statement() -> sa.Update:
             hydrated_at=sa.func.coalesce(sa.bindparam("hydrated_at", type_=UTCDateTime), entities.c.hydrated_at),
             version=entities.c.version + 1,
             doc_version=entities.c.doc_version + 1,
-            updated_at=sa.bindparam("now", type_=UTCDateTime),
+            # updated_at says when the source last changed (an event or a new hydration); settling on a
+            # reused hydration changes nothing there, and moving it would make that hydration stale.
+            updated_at=sa.func.coalesce(sa.bindparam("hydrated_at", type_=UTCDateTime), entities.c.updated_at),
             claim_owner=None,
             claim_expires_at=None,
         )
