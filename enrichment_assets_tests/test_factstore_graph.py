@@ -118,6 +118,27 @@ def test_tombstone_retracts_edges_at_both_ends(store: FactStore) -> None:
     assert live(store) == {("in", "y")}
 
 
+def test_finish_settles_a_batch_in_one_statement_per_page_on_postgresql(pg_store: FactStore) -> None:
+    ingest(pg_store, "root", "r2", "r3")
+    ingest(pg_store, "x", entity_type="other")
+    documents_before = pg_store.get_entity("other", "x").doc_version
+    claims = pg_store.claim("thing", limit=10, owner="w", lease=LEASE)
+    updates: list[bool] = []
+
+    def count(conn, cursor, statement: str, parameters, context, executemany: bool) -> None:
+        if statement.startswith("UPDATE entities"):
+            updates.append(executemany)
+
+    sa.event.listen(pg_store.engine, "before_cursor_execute", count)
+    result = pg_store.finish(
+        "w", [Outcome.of(c, "enriched", attributes={"n": c.entity_id}, edges=(edge("in", "x"),)) for c in claims], RETRY)
+    sa.event.remove(pg_store.engine, "before_cursor_execute", count)
+    assert result.enriched == 3 and result.edges_asserted == 3
+    assert updates == [False, False], "one UPDATE for the outcomes, one for the other ends' documents"
+    assert pg_store.get_entity("thing", "r2").attributes == {"n": "r2"}
+    assert pg_store.get_entity("other", "x").doc_version == documents_before + 1
+
+
 def test_references_are_replaced_per_entity(store: FactStore, clock) -> None:
     key = ("thing", "root")
     store.record_walk([], {key: [ReferenceFact("run", "other", "r1", True), ReferenceFact("run", "other", "r2", False)]})

@@ -7,7 +7,6 @@ asserted and retracted (search re-indexes both ends of each) without per-row sta
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -15,11 +14,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from enrichment_assets.factstore import arrays
 from enrichment_assets.factstore.models import DerivedEdge, EdgeChange, EntityKey, ReferenceFact
 from enrichment_assets.factstore.schema import EntityState, edges, entities, references, waits
 
 _CHUNK = 500
-_UPSERT_PAGE = 5000
 
 
 def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
@@ -46,26 +45,13 @@ def _upsert(
         stmt = sqlite.insert(table)
         conn.execute(stmt.on_conflict_do_update(index_elements=list(conflict), set_=updates(stmt.excluded)), rows)
         return
-    json_columns = {n for n in names if isinstance(table.c[n].type, (sa.JSON, postgresql.JSONB))}
-
-    def item_type(name: str) -> sa.types.TypeEngine[Any]:
-        if name in json_columns:
-            return sa.Text()
-        column_type = table.c[name].type
-        return sa.DateTime(timezone=True) if isinstance(column_type, sa.TypeDecorator) else column_type
-
-    batch = (
-        sa.func.unnest(*[sa.cast(sa.bindparam(n), postgresql.ARRAY(item_type(n))) for n in names])
-        .table_valued(*names)
-        .render_derived(name="batch")
-    )
-    select = sa.select(*[sa.cast(batch.c[n], postgresql.JSONB) if n in json_columns else batch.c[n] for n in names])
+    columns = {n: table.c[n].type for n in names}
+    batch = arrays.unnested(columns)
+    select = sa.select(*[arrays.column(batch, n, t) for n, t in columns.items()])
     insert = postgresql.insert(table).from_select(names, select)
     stmt = insert.on_conflict_do_update(index_elements=list(conflict), set_=updates(insert.excluded))
-    for start in range(0, len(rows), _UPSERT_PAGE):
-        page = rows[start : start + _UPSERT_PAGE]
-        conn.execute(stmt, {n: [json.dumps(r[n]) if n in json_columns and r[n] is not None else r[n] for r in page]
-                            for n in names})
+    for page in arrays.pages(rows):
+        conn.execute(stmt, arrays.parameters(columns, page))
 
 
 def record_hydrations(
@@ -298,8 +284,24 @@ def wake_waiters(conn: sa.Connection, now: datetime) -> int:
 
 
 def touch_documents(conn: sa.Connection, keys: Sequence[EntityKey]) -> None:
-    """Move the document version of entities whose search document changed through an edge."""
-    for chunk in _chunks(sorted(set(keys))):
+    """Move the document version of entities whose search document changed through an edge.
+
+    PostgreSQL: one ``UPDATE ... FROM unnest(arrays)`` per page; SQLite: tuple IN lists.
+    """
+    ordered = sorted(set(keys))
+    if conn.dialect.name == "postgresql":
+        # Not named like the columns: an UPDATE reserves those bind names for its SET clause.
+        columns = {"k_type": sa.Text(), "k_id": sa.Text()}
+        batch = arrays.unnested(columns)
+        stmt = (
+            sa.update(entities)
+            .where(entities.c.entity_type == batch.c.k_type, entities.c.entity_id == batch.c.k_id)
+            .values(doc_version=entities.c.doc_version + 1)
+        )
+        for page in arrays.pages(ordered):
+            conn.execute(stmt, arrays.parameters(columns, [{"k_type": t, "k_id": i} for t, i in page]))
+        return
+    for chunk in _chunks(ordered):
         conn.execute(
             sa.update(entities)
             .where(sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk))

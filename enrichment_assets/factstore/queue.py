@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 
+from enrichment_assets.factstore import arrays
 from enrichment_assets.factstore.models import Claim, EntityKey, Outcome, RetryPolicy
 from enrichment_assets.factstore.schema import EntityState, entities
 from enrichment_assets.factstore.types import JSONDocument, UTCDateTime
@@ -110,37 +111,65 @@ def outcome_row(
         row.update(next_attempt_at=now + retry.delay(attempts, rng), last_error=outcome.error or "failed")
     return row
 
-def finish_statement() -> sa.Update:
-    current = entities.c.version == sa.bindparam("claimed_version")
+# The bind parameters of ``finish_statement``, one per key of ``outcome_row``.
+_OUTCOME_COLUMNS: dict[str, sa.types.TypeEngine[Any]] = {
+    "k_type": sa.Text(), "k_id": sa.Text(), "claimed_version": sa.BigInteger(), "new_state": sa.Text(),
+    "attempts": sa.Integer(), "next_attempt_at": UTCDateTime(), "last_enriched_at": UTCDateTime(),
+    "last_error": sa.Text(), "waiting_on": JSONDocument, "attributes": JSONDocument, "hydrated_at": UTCDateTime(),
+}
 
-    def if_current(value: sa.ColumnElement[Any], column: sa.Column[Any]) -> sa.ColumnElement[Any]:
-        return sa.case((current, value), else_=column)
+
+def apply_outcomes(conn: sa.Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Run ``finish_statement`` for every row of ``outcome_row``.
+
+    PostgreSQL gets one ``UPDATE ... FROM unnest(arrays)`` per page (psycopg2 sends an executemany
+    UPDATE a hundred rows per round trip); SQLite an executemany. The rows are already locked and
+    checked against their owner (``held``), so the two are the same writes.
+    """
+    if not rows:
+        return
+    if conn.dialect.name != "postgresql":
+        conn.execute(finish_statement(), rows)
+        return
+    batch = arrays.unnested(_OUTCOME_COLUMNS)
+    stmt = finish_statement(lambda name: arrays.column(batch, name, _OUTCOME_COLUMNS[name]))
+    for page in arrays.pages(rows):
+        conn.execute(stmt, arrays.parameters(_OUTCOME_COLUMNS, page))
+
+
+def finish_statement(
+    value: Callable[[str], sa.ColumnElement[Any]] = lambda name: sa.bindparam(name, type_=_OUTCOME_COLUMNS[name]),
+) -> sa.Update:
+    """The UPDATE that records one outcome; ``value`` gives each of ``_OUTCOME_COLUMNS`` (bind
+    parameters by default, the columns of an unnested batch in ``apply_outcomes``)."""
+    current = entities.c.version == value("claimed_version")
+
+    def if_current(new: sa.ColumnElement[Any], column: sa.Column[Any]) -> sa.ColumnElement[Any]:
+        return sa.case((current, new), else_=column)
 
     return (
         sa.update(entities)
         .where(
-            entities.c.entity_type == sa.bindparam("k_type"),
-            entities.c.entity_id == sa.bindparam("k_id"),
+            entities.c.entity_type == value("k_type"),
+            entities.c.entity_id == value("k_id"),
         )
         .values(
-            state=if_current(sa.bindparam("new_state"), entities.c.state),
-            attempts=if_current(sa.bindparam("attempts"), entities.c.attempts),
-            next_attempt_at=if_current(
-                sa.bindparam("next_attempt_at", type_=UTCDateTime), entities.c.next_attempt_at
-            ),
+            state=if_current(value("new_state"), entities.c.state),
+            attempts=if_current(value("attempts"), entities.c.attempts),
+            next_attempt_at=if_current(value("next_attempt_at"), entities.c.next_attempt_at),
             last_enriched_at=if_current(
-                sa.func.coalesce(sa.bindparam("last_enriched_at", type_=UTCDateTime), entities.c.last_enriched_at),
+                sa.func.coalesce(value("last_enriched_at"), entities.c.last_enriched_at),
                 entities.c.last_enriched_at,
             ),
-            last_error=if_current(sa.bindparam("last_error", type_=sa.Text), entities.c.last_error),
-            waiting_on=if_current(sa.bindparam("waiting_on", type_=JSONDocument), entities.c.waiting_on),
-            attributes=sa.func.coalesce(sa.bindparam("attributes", type_=JSONDocument), entities.c.attributes),
-            hydrated_at=sa.func.coalesce(sa.bindparam("hydrated_at", type_=UTCDateTime), entities.c.hydrated_at),
+            last_error=if_current(value("last_error"), entities.c.last_error),
+            waiting_on=if_current(value("waiting_on"), entities.c.waiting_on),
+            attributes=sa.func.coalesce(value("attributes"), entities.c.attributes),
+            hydrated_at=sa.func.coalesce(value("hydrated_at"), entities.c.hydrated_at),
             version=entities.c.version + 1,
             doc_version=entities.c.doc_version + 1,
             # updated_at says when the source last changed (an event or a new hydration); settling on a
             # reused hydration changes nothing there, and moving it would make that hydration stale.
-            updated_at=sa.func.coalesce(sa.bindparam("hydrated_at", type_=UTCDateTime), entities.c.updated_at),
+            updated_at=sa.func.coalesce(value("hydrated_at"), entities.c.updated_at),
             claim_owner=None,
             claim_expires_at=None,
         )

@@ -257,8 +257,7 @@ class FactStore:
                     walks[outcome.key] = (outcome.edges, outcome.status == "enriched")
                 elif outcome.status == "deleted":
                     tombstones.append(outcome.key)
-            if rows:
-                conn.execute(queue.finish_statement(), rows)
+            queue.apply_outcomes(conn, rows)
             changes, confirmed = graph.apply_edges(conn, walks, now)
             changes += graph.retract_touching(conn, tombstones, now)
             graph.replace_waits(conn, waiting, now)
