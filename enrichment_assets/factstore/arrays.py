@@ -7,7 +7,7 @@ trip at best; a page of rows passed as arrays is one statement and one round tri
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql
 # Rows per statement: large enough that round trips stop mattering, small enough to keep each
 # statement's arrays a few megabytes at most.
 PAGE = 5000
+_IN_CHUNK = 500
 
 
 def unnested(columns: Mapping[str, sa.types.TypeEngine[Any]], name: str = "batch") -> sa.TableValuedAlias:
@@ -53,3 +54,22 @@ def _item_type(type_: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:
     if _is_json(type_):
         return sa.Text()
     return sa.DateTime(timezone=True) if isinstance(type_, sa.TypeDecorator) else type_
+
+
+def key_filters(conn: sa.Connection, columns: Sequence[sa.ColumnElement[Any]],
+                keys: Sequence[Sequence[str]]) -> Iterator[sa.ColumnElement[bool]]:
+    """Conditions that ``columns`` (text) equal one of ``keys``, one per statement to run.
+
+    PostgreSQL: ``(columns) IN (SELECT * FROM unnest(arrays))`` per page, a statement compiled once
+    whatever the keys; elsewhere a tuple IN list per ``_IN_CHUNK`` keys, which stays inside SQLite's
+    parameter limit (and is rendered afresh for every chunk).
+    """
+    if conn.dialect.name != "postgresql":
+        for start in range(0, len(keys), _IN_CHUNK):
+            yield sa.tuple_(*columns).in_(keys[start : start + _IN_CHUNK])
+        return
+    for page in pages(keys):
+        bound = [sa.cast(sa.bindparam(f"key_{i}", value=[k[i] for k in page]), postgresql.ARRAY(sa.Text()))
+                 for i in range(len(columns))]
+        batch = sa.func.unnest(*bound).table_valued(*[f"k{i}" for i in range(len(columns))]).render_derived(name="keys")
+        yield sa.tuple_(*columns).in_(sa.select(*batch.c))

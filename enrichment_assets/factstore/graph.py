@@ -86,10 +86,10 @@ def record_hydrations(
 
 def stored_attributes(conn: sa.Connection, keys: Sequence[EntityKey]) -> dict[EntityKey, dict[str, Any]]:
     found: dict[EntityKey, dict[str, Any]] = {}
-    for chunk in _chunks(list(keys)):
+    for among in arrays.key_filters(conn, (entities.c.entity_type, entities.c.entity_id), list(keys)):
         for etype, eid, attributes in conn.execute(
             sa.select(entities.c.entity_type, entities.c.entity_id, entities.c.attributes).where(
-                sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk),
+                among,
                 entities.c.attributes.is_not(None),
             )
         ):
@@ -113,11 +113,11 @@ def referrers(conn: sa.Connection, field: str, to_type: str, to_ids: Sequence[st
 def mark_dirty(conn: sa.Connection, keys: Sequence[EntityKey], now: datetime) -> int:
     """Make settled entities due again because something on their paths changed."""
     marked = 0
-    for chunk in _chunks(list(keys)):
+    for among in arrays.key_filters(conn, (entities.c.entity_type, entities.c.entity_id), list(keys)):
         marked += conn.execute(
             sa.update(entities)
             .where(
-                sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk),
+                among,
                 entities.c.state.in_((EntityState.FULLY_ENRICHED.value, EntityState.PARTIALLY_RESOLVED.value)),
             )
             .values(state=EntityState.UNCACHED.value, next_attempt_at=now, attempts=0,
@@ -132,12 +132,11 @@ def record_references(conn: sa.Connection, facts: dict[EntityKey, list[Reference
         return
     keys = list(facts)
     live: dict[tuple[str, str, str, str, str], bool] = {}
-    for chunk in _chunks(keys):
+    for among in arrays.key_filters(conn, (references.c.from_type, references.c.from_id), keys):
         for ft, fi, field, tt, ti, resolved in conn.execute(
             sa.select(references.c.from_type, references.c.from_id, references.c.field,
                       references.c.to_type, references.c.to_id, references.c.resolved)
-            .where(sa.tuple_(references.c.from_type, references.c.from_id).in_(chunk),
-                   references.c.retracted_at.is_(None))
+            .where(among, references.c.retracted_at.is_(None))
         ):
             live[(ft, fi, field, tt, ti)] = resolved
     current = {(ft, fi, f.field, f.to_type, f.to_id): f for (ft, fi), fs in facts.items() for f in fs}
@@ -157,11 +156,11 @@ def record_references(conn: sa.Connection, facts: dict[EntityKey, list[Reference
         },
     )
     gone = sorted(set(live) - set(current))
-    for chunk in _chunks(gone):
+    key = (references.c.from_type, references.c.from_id, references.c.field, references.c.to_type, references.c.to_id)
+    for among in arrays.key_filters(conn, key, gone):
         conn.execute(
             sa.update(references)
-            .where(sa.tuple_(references.c.from_type, references.c.from_id, references.c.field,
-                             references.c.to_type, references.c.to_id).in_(chunk))
+            .where(among)
             .values(retracted_at=now)
         )
 
@@ -180,11 +179,11 @@ def apply_edges(
     roots = list(walks)
     # root -> (relation, dst type, dst id) -> the path it was derived through
     live: dict[EntityKey, dict[tuple[str, str, str], list[list[str]]]] = {root: {} for root in roots}
-    for chunk in _chunks(roots):
+    for among in arrays.key_filters(conn, (edges.c.src_type, edges.c.src_id), roots):
         for src_type, src_id, relation, dst_type, dst_id, path in conn.execute(
             sa.select(edges.c.src_type, edges.c.src_id, edges.c.relation, edges.c.dst_type, edges.c.dst_id,
                       edges.c.path)
-            .where(sa.tuple_(edges.c.src_type, edges.c.src_id).in_(chunk), edges.c.retracted_at.is_(None))
+            .where(among, edges.c.retracted_at.is_(None))
         ):
             live[(src_type, src_id)][(relation, dst_type, dst_id)] = path
     rows, changes, confirmed = [], [], 0
@@ -224,8 +223,8 @@ def apply_edges(
     )
     # Confirmed through the same path: only confirmed_at moves, set-wise.
     columns = (edges.c.src_type, edges.c.src_id, edges.c.relation, edges.c.dst_type, edges.c.dst_id)
-    for chunk in _chunks(unchanged):
-        conn.execute(sa.update(edges).where(sa.tuple_(*columns).in_(chunk)).values(confirmed_at=now))
+    for among in arrays.key_filters(conn, columns, unchanged):
+        conn.execute(sa.update(edges).where(among).values(confirmed_at=now))
     _retract(conn, retract, now)
     return changes, confirmed
 
@@ -234,10 +233,10 @@ def retract_touching(conn: sa.Connection, keys: Sequence[EntityKey], now: dateti
     """Retract every live edge with a deleted entity at either end."""
     found: set[tuple[str, str, str, str, str]] = set()
     columns = (edges.c.src_type, edges.c.src_id, edges.c.relation, edges.c.dst_type, edges.c.dst_id)
-    for chunk in _chunks(list(keys)):
-        for end in ((edges.c.src_type, edges.c.src_id), (edges.c.dst_type, edges.c.dst_id)):
+    for end in ((edges.c.src_type, edges.c.src_id), (edges.c.dst_type, edges.c.dst_id)):
+        for among in arrays.key_filters(conn, end, list(keys)):
             found.update(tuple(row) for row in conn.execute(
-                sa.select(*columns).where(sa.tuple_(*end).in_(chunk), edges.c.retracted_at.is_(None))
+                sa.select(*columns).where(among, edges.c.retracted_at.is_(None))
             ))
     ordered = sorted(found)
     _retract(conn, ordered, now)
@@ -246,15 +245,15 @@ def retract_touching(conn: sa.Connection, keys: Sequence[EntityKey], now: dateti
 
 def _retract(conn: sa.Connection, keys: Sequence[tuple[str, str, str, str, str]], now: datetime) -> None:
     columns = (edges.c.src_type, edges.c.src_id, edges.c.relation, edges.c.dst_type, edges.c.dst_id)
-    for chunk in _chunks(list(keys)):
-        conn.execute(sa.update(edges).where(sa.tuple_(*columns).in_(chunk)).values(retracted_at=now))
+    for among in arrays.key_filters(conn, columns, list(keys)):
+        conn.execute(sa.update(edges).where(among).values(retracted_at=now))
 
 
 def replace_waits(conn: sa.Connection, waiting: dict[EntityKey, Sequence[EntityKey]], now: datetime) -> None:
     """Forget what the given entities waited on; record what each still waits on."""
     keys = list(waiting)
-    for chunk in _chunks(keys):
-        conn.execute(sa.delete(waits).where(sa.tuple_(waits.c.entity_type, waits.c.entity_id).in_(chunk)))
+    for among in arrays.key_filters(conn, (waits.c.entity_type, waits.c.entity_id), keys):
+        conn.execute(sa.delete(waits).where(among))
     rows = [
         {"entity_type": k[0], "entity_id": k[1], "target_type": t[0], "target_id": t[1], "since": now}
         for k, targets in waiting.items() for t in set(targets)

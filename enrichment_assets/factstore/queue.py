@@ -14,8 +14,6 @@ from enrichment_assets.factstore.models import Claim, EntityKey, Outcome, RetryP
 from enrichment_assets.factstore.schema import EntityState, entities
 from enrichment_assets.factstore.types import JSONDocument, UTCDateTime
 
-_KEY_CHUNK = 500
-
 
 def lease(
     conn: sa.Connection,
@@ -58,15 +56,14 @@ def lease(
 def held(conn: sa.Connection, owner: str, keys: Sequence[EntityKey]) -> dict[EntityKey, tuple[int, int, str]]:
     """Lock and return (version, attempts, state) of the keys still leased to ``owner``."""
     held: dict[EntityKey, tuple[int, int, str]] = {}
-    for start in range(0, len(keys), _KEY_CHUNK):
-        chunk = keys[start : start + _KEY_CHUNK]
+    for among in arrays.key_filters(conn, (entities.c.entity_type, entities.c.entity_id), keys):
         stmt = (
             sa.select(
                 entities.c.entity_type, entities.c.entity_id,
                 entities.c.version, entities.c.attempts, entities.c.state,
             )
             .where(
-                sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk),
+                among,
                 entities.c.claim_owner == owner,
             )
             .with_for_update()

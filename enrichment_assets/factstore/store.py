@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 
 from enrichment_assets.events import Event
-from enrichment_assets.factstore import graph, ingest, migrations, outbox, queue
+from enrichment_assets.factstore import arrays, graph, ingest, migrations, outbox, queue
 from enrichment_assets.factstore.engine import create_engine
 from enrichment_assets.factstore.models import (
     Claim,
@@ -41,7 +41,7 @@ from enrichment_assets.factstore.schema import CLAIMABLE_STATES, PENDING_STATES,
 Granularity = Literal["hour", "day"]
 _WINDOW_LENGTH: dict[str, timedelta] = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
 _SQLITE_TRUNC = {"hour": "%Y-%m-%d %H:00:00", "day": "%Y-%m-%d 00:00:00"}
-# Keeps tuple IN lists and executemany pages well inside every driver's parameter limits.
+# Keeps IN lists well inside every driver's parameter limits.
 _KEY_CHUNK = 500
 
 
@@ -289,11 +289,11 @@ class FactStore:
     def _update_held(self, owner: str, keys: Iterable[EntityKey], **values: Any) -> int:
         updated = 0
         with self.engine.begin() as conn:
-            for chunk in _chunks(list(keys), _KEY_CHUNK):
+            for among in arrays.key_filters(conn, (entities.c.entity_type, entities.c.entity_id), list(keys)):
                 updated += conn.execute(
                     sa.update(entities)
                     .where(
-                        sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk),
+                        among,
                         entities.c.claim_owner == owner,
                     )
                     .values(**values)
