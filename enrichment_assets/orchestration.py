@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -68,12 +67,7 @@ def write_instance_yaml(home: Path | str, **kwargs: Any) -> Path:
 
 
 class LocalDagster:
-    """``with LocalDagster(home, env) as dagster: dagster.graphql(query)``.
-
-    Webserver and daemon run at CPU niceness ``nice`` (default 10), and so do the run workers the
-    daemon launches, which inherit it: on a host shared with the ingest API, enrichment is the work
-    that can wait, and ingest is the path that must not (``nice=0`` to run them at normal priority).
-    """
+    """``with LocalDagster(home, env) as dagster: dagster.graphql(query)``."""
 
     def __init__(
         self,
@@ -84,7 +78,6 @@ class LocalDagster:
         max_concurrent_runs: int = 4,
         postgres_url: str | None = None,
         workspace: Path = ROOT / "workspace.yaml",
-        nice: int = 10,
     ) -> None:
         self.home = Path(home).resolve()
         self.port = port or free_port()
@@ -92,7 +85,6 @@ class LocalDagster:
         self.max_concurrent_runs = max_concurrent_runs
         self.postgres_url = postgres_url
         self.workspace = workspace
-        self.nice = nice
         self._processes: list[subprocess.Popen[bytes]] = []
 
     @property
@@ -120,7 +112,7 @@ class LocalDagster:
             log = (self.home / f"{name}.log").open("ab")
             self._processes.append(subprocess.Popen(
                 command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=partial(_prepare_child, self.nice),
+                start_new_session=True, preexec_fn=_default_signals,
             ))
         try:
             self.wait_loaded(timeout=timeout)
@@ -187,11 +179,9 @@ class LocalDagster:
         self.stop()
 
 
-def _prepare_child(nice: int) -> None:
+def _default_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if nice:
-        os.nice(nice)
 
 
 def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:

@@ -86,12 +86,6 @@ def artifacts_dir() -> Path:
     return path
 
 
-def test_dagster_runs_at_a_lower_cpu_priority_than_ingest(dagster: LocalDagster) -> None:
-    """Webserver and daemon (and so the run workers it forks) yield the CPU to the ingest API."""
-    ours = os.getpriority(os.PRIO_PROCESS, 0)
-    assert [os.getpriority(os.PRIO_PROCESS, p.pid) for p in dagster._processes] == [min(ours + 10, 19)] * 2
-
-
 def test_asset_backfill_reenriches_exactly_its_partition_range(
     dagster: LocalDagster, fact_store: FactStore
 ) -> None:
