@@ -8,16 +8,34 @@ system user, as PostgreSQL insists.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import shutil
 import socket
 import signal
 import subprocess
+import sys
+from functools import partial
 from importlib.resources import files
 import warnings
 from pathlib import Path
 from types import TracebackType
+
+
+def die_with_parent(parent: int) -> None:
+    """``preexec_fn`` for a server started in its own session (so the parent's group signals cannot
+    reach it): on Linux the kernel sends it SIGTERM when the process that started it dies, even by
+    SIGKILL, so a killed demo or benchmark leaves nothing running. Signals get their default handling."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -130,6 +148,7 @@ class LocalElasticsearch:
             [str(executable), "start", "--only", "elasticsearch", "--elasticsearch-port", str(self.port),
              "--data-dir", str(self.data_dir)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=partial(die_with_parent, os.getpid()),
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

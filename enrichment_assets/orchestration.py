@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import httpx
 import yaml
 
-from enrichment_assets.devservers import free_port
+from enrichment_assets.devservers import die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCATION = "enrichment_assets"
@@ -112,7 +113,7 @@ class LocalDagster:
             log = (self.home / f"{name}.log").open("ab")
             self._processes.append(subprocess.Popen(
                 command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_default_signals,
+                start_new_session=True, preexec_fn=partial(die_with_parent, os.getpid()),
             ))
         try:
             self.wait_loaded(timeout=timeout)
@@ -179,9 +180,6 @@ class LocalDagster:
         self.stop()
 
 
-def _default_signals() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:

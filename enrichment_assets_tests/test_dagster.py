@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -76,3 +77,40 @@ def test_local_instance_config_loads_with_threaded_dequeue(tmp_path: Path) -> No
     write_instance_yaml(tmp_path, max_concurrent_runs=3)
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         assert_launches_side_by_side(instance, max_runs=3)
+
+
+def test_local_dagster_processes_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """A demo or benchmark killed with SIGKILL cannot stop what it started; webserver and daemon run in
+    their own sessions (out of reach of its process group), so the kernel tells them instead."""
+    script = f"""
+import sys, time
+from pathlib import Path
+from enrichment_assets.orchestration import LocalDagster
+dagster = LocalDagster(Path({str(tmp_path / 'home')!r}), {{"ENRICHMENT_DATABASE_URL": "sqlite:///{tmp_path}/facts.db"}})
+dagster.start()
+print(*[p.pid for p in dagster._processes], flush=True)
+time.sleep(600)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(pid) for pid in parent.stdout.readline().split()]  # type: ignore[union-attr]
+        assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    leftovers = [pid for pid in pids if _alive(pid)]
+    for pid in leftovers:
+        os.kill(pid, 9)
+    assert not leftovers, "webserver and daemon outlived the process that started them"
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie nobody has reaped (their parent is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
