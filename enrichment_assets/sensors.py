@@ -46,8 +46,13 @@ def due_requests(
 ) -> tuple[list[dg.RunRequest], dict[str, str], list[DueWork]]:
     """Run requests for the (type, partition) pairs with due work, oldest window first.
 
-    A pair with a run already queued or running is left to that run. Returns the requests, the run key
-    chosen for every pair due (requested or not), and the due work that falls before the first partition.
+    Due work excludes what running runs have leased, so a pair whose runs have all started gets a new
+    run for what arrived since (leases keep the two apart); a pair with a run still queued or starting
+    is left to it, as that run will claim everything due when it starts. A pair whose due set is the one
+    already requested (``skip_keys``) is asked for again only if that run failed or was canceled, under a
+    key naming the failed run, so a transient failure does not wait for the retry sweep. Returns the
+    requests, the run key chosen for every pair due (requested or not), and the due work that falls
+    before the first partition.
     """
     types = [t for t in branch_types(policy) if entity_types is None or t in set(entity_types)]
     intervals = {t: policy.effective(t).refresh_interval for t in types} if refresh else None
@@ -65,8 +70,14 @@ def due_requests(
         pair = f"{work.entity_type}|{partition}"
         run_key = f"{pair}|{work.oldest_due_at.isoformat()}|{work.due}{key_suffix}"
         keys[pair] = run_key
-        if (job_name(work.entity_type), partition) in busy or (skip_keys or {}).get(pair) == run_key:
+        if (job_name(work.entity_type), partition) in busy:
             continue
+        previous = (skip_keys or {}).get(pair, "")
+        if previous == run_key or previous.startswith(f"{run_key}|after-"):
+            failed = _failed_run(instance, previous)
+            if failed is None:
+                continue
+            run_key = keys[pair] = f"{run_key}|after-{failed[:8]}"
         if len(requests) >= limit:
             continue
         requests.append(dg.RunRequest(
@@ -76,6 +87,14 @@ def due_requests(
             tags={MODE_TAG: INCREMENTAL, TRIGGER_TAG: trigger, "entity_type": work.entity_type},
         ))
     return requests, keys, orphans
+
+
+def _failed_run(instance: dg.DagsterInstance, run_key: str) -> str | None:
+    """The id of the run launched under ``run_key`` if it failed or was canceled."""
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": run_key}), limit=1)
+    if runs and runs[0].status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
+        return runs[0].run_id
+    return None
 
 
 def build_sensor(policy: Policy, jobs: list[Any]) -> dg.SensorDefinition:
@@ -106,7 +125,7 @@ def build_sensor(policy: Policy, jobs: list[Any]) -> dg.SensorDefinition:
             context.log.warning(f"{sum(w.due for w in orphans)} due entities were first seen before "
                                 f"partition_start ({policy.defaults.partition_start}); move it back to enrich them")
         requested = {k: v for k, v in previous.get("requested", {}).items() if k in keys}
-        requested.update({r.run_key.rsplit("|", 2)[0]: r.run_key for r in requests})  # type: ignore[union-attr]
+        requested.update({f"{r.tags['entity_type']}|{r.partition_key}": r.run_key for r in requests})
         cursor = json.dumps({"requested": requested, "woken": woken}, sort_keys=True)
         if not requests:
             reason = ("nothing is due" if not keys else

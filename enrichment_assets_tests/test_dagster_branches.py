@@ -303,6 +303,32 @@ def test_sensor_leaves_a_queued_run_alone_and_gives_a_started_runs_leftovers_the
     assert request.run_key.endswith("|5"), "its run key counts only the 5 entities nobody has leased"
 
 
+def test_sensor_asks_again_for_a_due_set_whose_run_failed(
+    defs: dg.Definitions, database: str, live_store: FactStore, graph: MdsGraph
+) -> None:
+    """The run key names the due set, and a failed run leaves the same due set behind: without this the
+    pair would wait for the retry sweep."""
+    ingest(live_store, graph)
+    pair = ("model_instance_enrichment", today())
+
+    def request(result: dg.SensorResult) -> dg.RunRequest | None:
+        return next((r for r in result.run_requests if (r.job_name, r.partition_key) == pair), None)
+
+    job = defs.resolve_job_def("model_instance_enrichment")
+    with dg.instance_for_test() as instance:
+        first = evaluate_sensor(defs, instance, database)
+        key = request(first).run_key  # type: ignore[union-attr]
+        assert request(evaluate_sensor(defs, instance, database, cursor=first.cursor)) is None
+
+        failed = instance.create_run_for_job(job, run_config={}, status=dg.DagsterRunStatus.FAILURE,
+                                             tags={"dagster/partition": today(), "dagster/run_key": key})
+        again = evaluate_sensor(defs, instance, database, cursor=first.cursor)
+        retry = request(again)
+        assert retry is not None and retry.run_key == f"{key}|after-{failed.run_id[:8]}"
+        assert request(evaluate_sensor(defs, instance, database, cursor=again.cursor)) is None, \
+            "asked once per failure, not on every tick"
+
+
 def test_retry_sweep_requests_runs_for_due_retries(
     defs: dg.Definitions, database: str, live_store: FactStore, graph: MdsGraph
 ) -> None:
