@@ -265,3 +265,25 @@ def test_a_run_writes_its_own_documents_at_once_and_leaves_the_rest_to_a_running
     assert own.indexed == 0, "already written at its version"
     assert drained is not None and drained.changed == {("a", "a2"), ("a", "a3")}
     assert store.index_backlog(limit=10) == []
+
+
+def test_a_drain_looks_at_the_outbox_again_after_letting_the_lock_go(
+    store: FactStore, search_index: SearchIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that enqueues while this drain holds the lock skips draining (sync_changed). If it enqueued
+    after this drain's last look, only a look after the lock goes catches it: here, on the CLI's path."""
+    from enrichment_assets.search import sync
+
+    ingest(store, "a", "a1")
+    real_drain, late = sync._drain, iter([("a", "a2")])
+
+    def drain_then_someone_enqueues(*args, **kwargs):
+        report = real_drain(*args, **kwargs)
+        for key in late:  # once: after the drain's last look, before the lock goes
+            ingest(store, *key)
+        return report
+
+    monkeypatch.setattr(sync, "_drain", drain_then_someone_enqueues)
+    report = sync_index(store, POLICY, search_index)
+    assert report.changed == {("a", "a1"), ("a", "a2")}
+    assert store.index_backlog(limit=10) == []

@@ -51,18 +51,14 @@ def actions_for(store: FactStore, policy: Policy, keys: list[EntityKey]) -> tupl
     return actions, ids
 
 
-def sync_index(store: FactStore, policy: Policy, index: SearchIndex, *, batch_size: int = 1000,
-               max_rounds: int = 1000) -> IndexReport:
+def sync_index(store: FactStore, policy: Policy, index: SearchIndex, *, batch_size: int = 1000) -> IndexReport:
     """Drain the outbox into the index, one drain at a time across every process sharing the store.
 
     A caller that finds another drain running waits for it, then writes only what is still behind
     (usually what was enqueued meanwhile), instead of racing it for the same documents.
     """
-    started = time.monotonic()
-    with store.draining_outbox():
-        waited = time.monotonic() - started
-        report = _drain(store, policy, index, batch_size=batch_size, max_rounds=max_rounds)
-    report.waited_seconds = waited
+    report = _drain_outbox(store, policy, index, batch_size=batch_size, wait=True)
+    assert report is not None  # a waiting caller always gets the lock
     return report
 
 
@@ -72,23 +68,36 @@ def sync_changed(store: FactStore, policy: Policy, index: SearchIndex, keys: Ite
 
     What a run changed becomes searchable without queueing behind other runs. The rest (other ends of
     changed edges, other runs' entities) is drained here, or left to the drain already running, which
-    cannot miss it: this process enqueued it before trying the lock, and a drain that lets the lock go
-    looks at the outbox again before it stops. Returns (the keys' report, the drain's or None if left).
+    cannot miss it: this process enqueued it before trying the lock, and every drain looks at the
+    outbox again once it lets the lock go. Returns (the keys' report, the drain's or None if left).
     """
     own = IndexReport()
     behind = sorted(store.index_behind(list(keys)))
     for start in range(0, len(behind), batch_size):
         _write(store, policy, index, behind[start : start + batch_size], own)
+    if not store.index_backlog(limit=1):
+        return own, None
+    return own, _drain_outbox(store, policy, index, batch_size=batch_size, wait=False)
+
+
+def _drain_outbox(store: FactStore, policy: Policy, index: SearchIndex, *, batch_size: int,
+                  wait: bool) -> IndexReport | None:
+    """Drain under the outbox lock (waiting for it, or only if free), then look again after letting it
+    go: whatever a process enqueued while failing to take the lock is drained here. None if the lock
+    was never free."""
     drained: IndexReport | None = None
-    while store.index_backlog(limit=1):
-        with store.draining_outbox(wait=False) as held:
+    while True:
+        started = time.monotonic()
+        with store.draining_outbox(wait=wait) as held:
             if not held:
-                break  # the drain that holds the lock looks at the outbox again once it lets go
+                return drained  # the holder looks at the outbox again once it lets go
+            waited = time.monotonic() - started
             report = _drain(store, policy, index, batch_size=batch_size, max_rounds=1000)
+            report.waited_seconds = waited
         drained = report if drained is None else drained.merge(report)
-        if not report.changed:
-            break  # only failures left: they stay in the outbox for the next sync
-    return own, drained
+        wait = False
+        if not report.changed or not store.index_backlog(limit=1):
+            return drained  # drained, or only failures left (they wait for the next sync)
 
 
 def _drain(store: FactStore, policy: Policy, index: SearchIndex, *, batch_size: int, max_rounds: int) -> IndexReport:
