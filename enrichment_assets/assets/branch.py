@@ -344,8 +344,10 @@ than before makes every entity whose path went through it due again. Rows: the e
         freshness_policy=_freshness(effective.staleness_budget),
         description=f"""Search documents brought up to date: both ends of every changed edge, the
 partition's own entities, and anything else waiting in the search outbox, written with external
-versions so an older write never overwrites a newer one. One drain runs at a time across all runs (a
-lock in the fact store); a run that finds another draining waits, then writes what is left.
+versions so an older write never overwrites a newer one. The run's own {entity_type} documents are
+written first, so they are searchable without queueing behind anything; then the rest of the outbox is
+drained, one drain at a time across all runs (a lock in the fact store): a run that finds another
+draining leaves the rest to it.
 
 Its freshness policy fails when no {entity_type} enrichment has completed within the type's staleness
 budget ({effective.staleness_budget}); the `staleness_budget` check holds each entity to that budget.""",
