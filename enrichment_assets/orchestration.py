@@ -180,8 +180,6 @@ class LocalDagster:
         self.stop()
 
 
-
-
 def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     try:
         os.killpg(process.pid, sig)

@@ -283,26 +283,6 @@ def wake_waiters(conn: sa.Connection, now: datetime) -> int:
 
 
 def touch_documents(conn: sa.Connection, keys: Sequence[EntityKey]) -> None:
-    """Move the document version of entities whose search document changed through an edge.
-
-    PostgreSQL: one ``UPDATE ... FROM unnest(arrays)`` per page; SQLite: tuple IN lists.
-    """
-    ordered = sorted(set(keys))
-    if conn.dialect.name == "postgresql":
-        # Not named like the columns: an UPDATE reserves those bind names for its SET clause.
-        columns = {"k_type": sa.Text(), "k_id": sa.Text()}
-        batch = arrays.unnested(columns)
-        stmt = (
-            sa.update(entities)
-            .where(entities.c.entity_type == batch.c.k_type, entities.c.entity_id == batch.c.k_id)
-            .values(doc_version=entities.c.doc_version + 1)
-        )
-        for page in arrays.pages(ordered):
-            conn.execute(stmt, arrays.parameters(columns, [{"k_type": t, "k_id": i} for t, i in page]))
-        return
-    for chunk in _chunks(ordered):
-        conn.execute(
-            sa.update(entities)
-            .where(sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(chunk))
-            .values(doc_version=entities.c.doc_version + 1)
-        )
+    """Move the document version of entities whose search document changed through an edge."""
+    for among in arrays.key_filters(conn, (entities.c.entity_type, entities.c.entity_id), sorted(set(keys))):
+        conn.execute(sa.update(entities).where(among).values(doc_version=entities.c.doc_version + 1))
