@@ -103,12 +103,12 @@ def policy_tables(policy: Policy) -> list[Table]:
 def cycle_table(reports: list, sources: dict[str, dict]) -> list[Table]:
     """Per-type results of an enrichment cycle, and per-source call counts."""
     types = Table(title="Enrichment cycle", title_justify="left")
-    for column in ("entity type", "claimed", "fetched", "cache hits", "enriched", "partial", "failed",
+    for column in ("entity type", "claimed", "fetched", "cache hits", "prefetched", "enriched", "partial", "failed",
                    "deferred", "quarantined", "edges +", "edges -"):
         types.add_column(column, justify="left" if column == "entity type" else "right")
     for r in reports:
         res = r.result
-        types.add_row(r.entity_type, str(r.claimed), str(r.fetched), str(r.cache_hits), str(res.enriched),
+        types.add_row(r.entity_type, str(r.claimed), str(r.fetched), str(r.cache_hits), str(r.prefetched), str(res.enriched),
                       str(res.partial), str(res.failed), str(res.deferred), str(res.quarantined),
                       str(res.edges_asserted), str(res.edges_retracted))
     calls = Table(title="Source calls", title_justify="left")

@@ -81,6 +81,9 @@ class Source(_Model):
     max_concurrency: pydantic.PositiveInt = 4
     timeout_seconds: pydantic.PositiveFloat = 10
     max_batch_size: pydantic.PositiveInt | None = None
+    # Top up a walk's last, part-full batch request with other entities of the type that are due
+    # anyway (the call costs the same); their hydrations are stored and reused when they are claimed.
+    fill_batches: bool = True
     max_retries: pydantic.NonNegativeInt = 4
     max_body_bytes: pydantic.PositiveInt = 1024 * 1024
     circuit_failure_threshold: pydantic.PositiveInt = 5

@@ -4,6 +4,8 @@ de-duplication, forward references, malformed fields, errors, and deferral when 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from enrichment_assets.events import Event
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.hydration.cycle import enrich_cycle
 from enrichment_assets.hydration.pool import SourcePool
-from enrichment_assets.policy import load_policy
+from enrichment_assets.policy import Policy, load_policy
 
 POLICY = load_policy(Path(__file__).parent / "policies" / "chain.yaml")
 
@@ -25,6 +27,7 @@ class Sources:
     def __init__(self, data: dict[tuple[str, str], Any]) -> None:
         self.data = data
         self.hits: dict[tuple[str, str], int] = {}
+        self.requests: Counter[str] = Counter()
         self.down: set[str] = set()
 
     def transport(self, host: str) -> httpx.MockTransport:
@@ -34,6 +37,7 @@ class Sources:
             parts = request.url.path.split("/")  # /api/<type>/<id> or /api/<type>?ids=
             etype = parts[2]
             ids = request.url.params.get_list("ids") if len(parts) == 3 else [parts[3]]
+            self.requests[etype] += 1
             for i in ids:
                 self.hits[(etype, i)] = self.hits.get((etype, i), 0) + 1
             if len(parts) == 3:
@@ -44,11 +48,12 @@ class Sources:
         return httpx.MockTransport(handle)
 
 
-def cycle(store: FactStore, sources: Sources, types: list[str] | None = None):
+def cycle(store: FactStore, sources: Sources, types: list[str] | None = None, *, policy: Policy = POLICY,
+          **kwargs: Any):
     async def run():
         transports = {"alpha": sources.transport("alpha"), "beta": sources.transport("beta")}
-        async with SourcePool(POLICY, transports=transports) as pool:
-            return await enrich_cycle(store, POLICY, pool, owner="test", entity_types=types)
+        async with SourcePool(policy, transports=transports) as pool:
+            return await enrich_cycle(store, policy, pool, owner="test", entity_types=types, **kwargs)
     return {r.entity_type: r for r in asyncio.run(run())}
 
 
@@ -190,3 +195,51 @@ def test_a_tombstone_retracts_the_edges_that_reach_it(store: FactStore) -> None:
     assert {(c.src_id, c.relation) for c in report["c"].result.edge_changes} == {("a1", "reaches"), ("a2", "reaches")}
     assert edges(store, "a1") == {("reaches", "c2"), ("direct", "c9")}
     assert store.get_entity("c", "c1").state == "deleted" and not store.due_work()
+
+
+def many_roots(store: FactStore, sources: Sources, count: int) -> list[str]:
+    ids = [f"m{n:02d}" for n in range(count)]
+    for i in ids:
+        sources.data[("a", i)] = {"id": i, "b_id": "b1"}
+    store.ingest_events([Event(entity_type="a", entity_id=i, event_type="created") for i in ids])
+    return ids
+
+
+def batch_requests(sources: Sources, etype: str) -> int:
+    return sources.requests[etype]
+
+
+def test_part_full_batches_are_topped_up_with_entities_due_anyway(store: FactStore) -> None:
+    sources = graph()
+    ids = many_roots(store, sources, 23)  # 25 a's in all, claimed 12 at a time, batches of 10
+    report = cycle(store, sources, ["a"], batch_size=12)["a"]
+    assert report.result.enriched == 25
+    assert {sources.hits[("a", i)] for i in ["a1", "a2", *ids]} == {1}, "each fetched once"
+    assert batch_requests(sources, "a") == 3, "ceil(25 / 10): only the very last request is part-full"
+    # Claim 1 fetches its 12 roots in two requests and fills the second with 8 more; which of the
+    # rest claim 2 takes is up to the queue, and the last of them may be a filler too.
+    assert report.prefetched in (8, 9)
+    assert all(store.get_entity("a", i).state == "fully_enriched" for i in ids)
+
+
+def test_a_filler_the_source_does_not_have_is_left_for_its_own_claim(store: FactStore) -> None:
+    sources = graph()
+    store.ingest_events([Event(entity_type="a", entity_id="late", event_type="created")])
+    store.claim("a", limit=1, owner="someone-else", lease=timedelta(minutes=5))  # leases a1: not a filler
+    report = cycle(store, sources, ["a"], batch_size=1, max_batches=1)["a"]
+    assert report.prefetched == 1 and sources.hits[("a", "late")] == 1
+    assert not report.errors_by_source
+    late = store.get_entity("a", "late")
+    assert late.state == "uncached" and late.attempts == 0 and late.attributes is None, "a 404 filler is untouched"
+    assert ("a", "a1") not in sources.hits, "an entity leased to another worker is never a filler"
+
+
+def test_filling_can_be_turned_off_per_source(store: FactStore, tmp_path: Path) -> None:
+    text = (Path(__file__).parent / "policies" / "chain.yaml").read_text()
+    path = tmp_path / "chain.yaml"
+    path.write_text(text.replace("    max_batch_size: 10\n", "    max_batch_size: 10\n    fill_batches: false\n"))
+    sources = graph()
+    many_roots(store, sources, 23)
+    report = cycle(store, sources, ["a"], batch_size=12, policy=load_policy(path))["a"]
+    assert report.result.enriched == 25 and report.prefetched == 0
+    assert batch_requests(sources, "a") == 5, "2 + 2 + 1: every claim ends in a part-full request"

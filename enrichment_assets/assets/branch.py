@@ -276,6 +276,7 @@ stored here; the roots' outcomes are settled by `{entity_type}/edges`.""",
         context.add_output_metadata({
             "hydrated": dg.MetadataValue.int(report.fetched),
             "cache_hits": dg.MetadataValue.int(report.cache_hits),
+            "prefetched": dg.MetadataValue.int(report.prefetched),
             "propagated": dg.MetadataValue.int(report.propagated),
             **{f"outcome_{name}": dg.MetadataValue.int(by_outcome.get(name, 0))
                for name in ("enriched", "partial", "failed", "deferred", "deleted")},

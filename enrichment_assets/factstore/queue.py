@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from enrichment_assets.factstore import arrays
 from enrichment_assets.factstore.models import Claim, EntityKey, Outcome, RetryPolicy
-from enrichment_assets.factstore.schema import EntityState, entities
+from enrichment_assets.factstore.schema import PENDING_STATES, EntityState, entities
 from enrichment_assets.factstore.types import JSONDocument, UTCDateTime
 
 
@@ -51,6 +52,36 @@ def lease(
         )
     )
     return [Claim(*row) for row in conn.execute(stmt)]
+
+
+def prefetchable(
+    conn: sa.Connection, entity_type: str, *, limit: int, exclude: Sequence[str], now: datetime, ttl: timedelta
+) -> list[str]:
+    """Up to ``limit`` pending entities of one type that are due, leased to nobody, and whose stored
+    hydration (if any) is no longer fresh, in claim order, leaving out ``exclude``."""
+    stale = sa.or_(
+        entities.c.attributes.is_(None),
+        entities.c.hydrated_at < now - ttl,
+        entities.c.hydrated_at < entities.c.updated_at,
+    )
+    where = [
+        entities.c.entity_type == entity_type,
+        entities.c.state.in_(PENDING_STATES),
+        entities.c.next_attempt_at <= now,
+        sa.or_(entities.c.claim_owner.is_(None), entities.c.claim_expires_at <= now),
+        stale,
+    ]
+    if exclude and conn.dialect.name == "postgresql":
+        where.append(entities.c.entity_id != sa.all_(
+            sa.cast(sa.bindparam("exclude", value=list(exclude)), postgresql.ARRAY(sa.Text()))))
+    elif exclude:
+        # SQLite: every id is a bound parameter; past its limit, ask for more and drop them here.
+        skipped = set(exclude)
+        stmt = (sa.select(entities.c.entity_id).where(*where)
+                .order_by(entities.c.next_attempt_at).limit(limit + len(skipped)))
+        return [i for (i,) in conn.execute(stmt) if i not in skipped][:limit]
+    stmt = sa.select(entities.c.entity_id).where(*where).order_by(entities.c.next_attempt_at).limit(limit)
+    return [i for (i,) in conn.execute(stmt)]
 
 
 def held(conn: sa.Connection, owner: str, keys: Sequence[EntityKey]) -> dict[EntityKey, tuple[int, int, str]]:

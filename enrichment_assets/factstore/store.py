@@ -321,6 +321,14 @@ class FactStore:
                 ))
         return found
 
+    def prefetchable(self, entity_type: str, *, limit: int, exclude: Sequence[str], ttl: timedelta) -> list[str]:
+        """Due, unleased entities of one type worth fetching ahead of their claim: nothing fresh is
+        stored for them (``fresh_attributes`` would not reuse it). Used to fill a part-full batch."""
+        if limit <= 0:
+            return []
+        with self._reader() as conn:
+            return queue.prefetchable(conn, entity_type, limit=limit, exclude=exclude, now=self._clock(), ttl=ttl)
+
     def record_walk(
         self,
         hydrated: Sequence[tuple[str, str, dict[str, Any]]],

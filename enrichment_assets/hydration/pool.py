@@ -37,6 +37,15 @@ class SourcePool:
     def client_for(self, entity_type: str) -> SourceClient:
         return self.clients[self.policy.entity_types[entity_type].source]
 
+    def spare_slots(self, entity_type: str, count: int) -> int:
+        """How many more ids the last batch request for ``count`` ids of a type could carry at no
+        extra call: 0 without a batch endpoint, with filling turned off, or when no call is made."""
+        source = self.policy.sources[self.policy.entity_types[entity_type].source]
+        size = source.max_batch_size
+        if count == 0 or not size or not source.fill_batches or not self.policy.entity_types[entity_type].batch_path:
+            return 0
+        return -count % size
+
     async def fetch(self, entity_type: str, ids: Sequence[str]) -> dict[str, Fetched]:
         if not ids:
             return {}

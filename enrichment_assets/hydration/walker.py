@@ -42,6 +42,8 @@ class WalkReport:
     claimed: int = 0
     fetched: int = 0
     cache_hits: int = 0
+    # Due entities fetched ahead of their own claim to fill a part-full batch request.
+    prefetched: int = 0
     errors_by_source: Counter[str] = field(default_factory=Counter)
     result: FinishResult = field(default_factory=FinishResult)
     # Roots that were processed plus both ends of every asserted or retracted edge: what search
@@ -55,6 +57,7 @@ class WalkReport:
         self.claimed += other.claimed
         self.fetched += other.fetched
         self.cache_hits += other.cache_hits
+        self.prefetched += other.prefetched
         self.propagated += other.propagated
         self.errors_by_source.update(other.errors_by_source)
         self.changed |= other.changed
@@ -149,12 +152,29 @@ class Walker:
             memo[(entity_type, entity_id)] = _Reused("found", attributes)
         report.cache_hits += len(fresh)
         rest = [i for i in needed if i not in fresh]
-        fetched = await self.pool.fetch(entity_type, rest)
+        fillers = await self._fillers(entity_type, rest, memo)
+        fetched = await self.pool.fetch(entity_type, [*rest, *fillers])
         report.fetched += len(rest)
+        report.prefetched += len(fillers)
+        opportunistic = set(fillers)
         for entity_id, result in fetched.items():
             memo[(entity_type, entity_id)] = result
-            if result.status in ("error", "unavailable"):
+            if result.status in ("error", "unavailable") and entity_id not in opportunistic:
                 report.errors_by_source[self.policy.entity_types[entity_type].source] += 1
+
+    async def _fillers(self, entity_type: str, ids: list[str], memo: dict[EntityKey, Fetched]) -> list[str]:
+        """Due entities of the type to top up the last, part-full batch request for ``ids``.
+
+        The request is made anyway, so the extra ids cost no call; their hydrations are stored with
+        the walk's other hops and reused while fresh when their own claim comes, which then needs
+        no call for them. Without this, every hop of every claimed batch ends in a part-full request.
+        """
+        spare = self.pool.spare_slots(entity_type, len(ids))
+        if not spare:
+            return []
+        exclude = [*ids, *(i for t, i in memo if t == entity_type)]
+        ttl = self.policy.effective(entity_type).hydration_ttl
+        return await asyncio.to_thread(self.store.prefetchable, entity_type, limit=spare, exclude=exclude, ttl=ttl)
 
     async def _walk(self, effective: EffectivePolicy, roots: dict[EntityKey, _RootState],
                     memo: dict[EntityKey, Fetched], report: WalkReport) -> None:
