@@ -272,8 +272,8 @@ def print_types(needed: Mapping[str, set[str]], policy: Policy, log: CallLog | N
         "Source calls per entity type (the batched run, from the simulator's request log)",
         ["type", "source", "distinct needed", "min calls", "calls made", "extra calls", "ids/call", "ids re-asked"],
         rows,
-        caption="extra calls: part-full batches (each hop of each claimed batch asks for what it needs, so the "
-                "last batch of a hop is part-full) and calls for ids asked for again. ids re-asked: ids "
+        caption="extra calls: part-full batches (the walker tops a hop's last batch up with other due entities "
+                "of the type, so only a type's very last batch should be part-full) and calls for ids asked for again. ids re-asked: ids "
                 "requested beyond one per distinct entity.",
     )
 

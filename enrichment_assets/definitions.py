@@ -9,7 +9,7 @@ from enrichment_assets.checks import build_checks
 from enrichment_assets.policy import Policy
 from enrichment_assets.resources import FactStoreResource, SearchResource, SourcesResource
 from enrichment_assets.schedules import build_schedules
-from enrichment_assets.sensors import build_sensor, job_name
+from enrichment_assets.sensors import ENRICHMENT_JOB, build_sensor, job_name
 from enrichment_assets.settings import Settings
 
 
@@ -20,6 +20,9 @@ def build_definitions(policy: Policy) -> dg.Definitions:
                             description=f"Enrich one partition of {t}: candidates, hydration, edges, index.")
         for t in types
     ]
+    enrichment_job = dg.define_asset_job(
+        ENRICHMENT_JOB, selection=dg.AssetSelection.groups(*types),
+        description="Every branch: the sensor's runs select the branches of the types with due work in a partition.")
     checks = build_checks(policy)
     checks_job = dg.define_asset_job("enrichment_checks", selection=dg.AssetSelection.checks(*checks),
                                      description="Every staleness, quarantine and search-index check.")
@@ -31,8 +34,8 @@ def build_definitions(policy: Policy) -> dg.Definitions:
             fact_store_summary,
         ],
         asset_checks=checks,
-        jobs=[*jobs, checks_job],
-        sensors=[build_sensor(policy, jobs)],
+        jobs=[*jobs, enrichment_job, checks_job],
+        sensors=[build_sensor(policy, [enrichment_job])],
         schedules=build_schedules(policy, jobs, checks_job),
         resources={"fact_store": FactStoreResource(), "sources": SourcesResource(), "search": SearchResource()},
         executor=dg.in_process_executor,

@@ -5,7 +5,7 @@ It starts a fact store (an embedded PostgreSQL unless ENRICHMENT_DATABASE_URL is
 simulator, an Elasticsearch-compatible server (unless ELASTICSEARCH_URL is set), the ingest/read API and
 Dagster (webserver + daemon, DAGSTER_HOME=.enrichment/dagster on SQLite), all on local ports. It sends the
 simulator's thin events through the API (first a batch with one bad line, which is rejected whole), then
-only watches: the sensor turns the new entities into runs of each type's branch. Once every entity is
+only watches: the sensor turns the new entities into runs of the types' branches. Once every entity is
 enriched (or partial for a stated reason) it prints the state, the derived edges, one entity's multi-hop
 answers, a search hit with its staleness and how long entities took from ingest to searchable, and
 leaves the UI up until Ctrl-C (``DEMO_EXIT=1`` exits instead). Every process it started stops with it.

@@ -15,7 +15,7 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from enrichment_assets.assets.branch import INCREMENTAL, MODE_TAG, rate_shares
+from enrichment_assets.assets.branch import BRANCH_STEPS, INCREMENTAL, MODE_TAG, rate_shares
 from enrichment_assets.definitions import build_definitions
 from enrichment_assets.events import Event
 from enrichment_assets.factstore import FactStore
@@ -24,6 +24,7 @@ from enrichment_assets.policy import Policy, load_policy
 from enrichment_assets.resources import FactStoreResource, SearchResource, SourcesResource
 from enrichment_assets.search import SearchIndex
 from enrichment_assets.search.documents import document_id
+from enrichment_assets.sensors import ENRICHMENT_JOB, TYPES_TAG, due_tag
 from enrichment_assets.settings import SHIPPED_POLICY
 from enrichment_assets.simulator.events import thin_events
 from enrichment_assets.simulator.graph import MdsGraph, generate_graph
@@ -249,7 +250,17 @@ def evaluate_sensor(defs: dg.Definitions, instance: dg.DagsterInstance, database
         return sensor(context)
 
 
-def test_sensor_requests_one_run_per_type_and_partition_and_a_repeated_tick_none(
+def pairs(result: dg.SensorResult) -> dict[tuple[str, str], str]:
+    """(per-type job, partition) -> the due set asked for, over the runs a sensor tick requested."""
+    found = {}
+    for request in result.run_requests:
+        assert request.job_name == ENRICHMENT_JOB
+        for entity_type in request.tags[TYPES_TAG].split(","):
+            found[(f"{entity_type}_enrichment", request.partition_key)] = request.tags[due_tag(entity_type)]
+    return found
+
+
+def test_sensor_requests_one_run_per_partition_selecting_each_due_type_and_a_repeated_tick_none(
     defs: dg.Definitions, database: str, live_store: FactStore, graph: MdsGraph
 ) -> None:
     sensor = defs.resolve_sensor_def("uncached_entities_sensor")
@@ -261,20 +272,25 @@ def test_sensor_requests_one_run_per_type_and_partition_and_a_repeated_tick_none
         ingest(live_store, graph)
         move_first_seen(live_store, "feature", sorted(graph.entities["feature"])[:2], datetime.now(UTC) - timedelta(days=1))
         first = evaluate_sensor(defs, instance, database, cursor=idle.cursor)
-        requested = {(r.job_name, r.partition_key) for r in first.run_requests}
+        requested = set(pairs(first))
         yesterday = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%d")
         expected = {(f"{t}_enrichment", today()) for t in MDS.policies} | {("feature_enrichment", yesterday)}
-        # capped per tick (ENRICHMENT_SENSOR_MAX_RUNS, 8), oldest window first
+        # capped per tick (ENRICHMENT_SENSOR_MAX_PAIRS, 8), oldest window first
         assert len(requested) == min(len(expected), 8) and requested <= expected
         assert ("feature_enrichment", yesterday) in requested
+        assert sorted(r.partition_key for r in first.run_requests) == sorted({yesterday, today()}), \
+            "one run per partition, whatever the number of types due in it"
+        [run] = [r for r in first.run_requests if r.partition_key == today()]
+        types = run.tags[TYPES_TAG].split(",")
+        assert set(run.asset_selection) == {dg.AssetKey([t, step]) for t in types for step in BRANCH_STEPS}
+        assert types[0] == "model_instance", "highest priority first"
         assert all(r.tags[MODE_TAG] == INCREMENTAL for r in first.run_requests)
         assert len({r.run_key for r in first.run_requests}) == len(first.run_requests)
         cursor = json.loads(first.cursor)
-        assert set(cursor["requested"]) >= {f"{t}|{p}" for t, p in
-                                            [(j.removesuffix("_enrichment"), p) for j, p in requested]}
+        assert set(cursor["requested"]) >= {f"{j.removesuffix('_enrichment')}|{p}" for j, p in requested}
 
         repeat = evaluate_sensor(defs, instance, database, cursor=first.cursor)
-        repeat_requested = {(r.job_name, r.partition_key) for r in repeat.run_requests}
+        repeat_requested = set(pairs(repeat))
         assert not (repeat_requested & requested), "a repeated tick asks for nothing it already asked for"
         assert repeat_requested == expected - requested, "the rest of what the cap held back"
 
@@ -286,46 +302,50 @@ def test_sensor_leaves_a_queued_run_alone_and_gives_a_started_runs_leftovers_the
     pair = ("model_instance_enrichment", today())
     due = {w.entity_type: w.due for w in live_store.due_work()}["model_instance"]
     job = defs.resolve_job_def("model_instance_enrichment")
+    combined_job = defs.resolve_job_def(ENRICHMENT_JOB)
     with dg.instance_for_test() as instance:
         queued = instance.create_run_for_job(job, run_config={}, tags={"dagster/partition": today()},
                                              status=dg.DagsterRunStatus.NOT_STARTED)
         result = evaluate_sensor(defs, instance, database)
-        assert pair not in {(r.job_name, r.partition_key) for r in result.run_requests}, \
-            "a run not started yet will claim everything due when it starts"
+        assert pair not in pairs(result), "a run not started yet will claim everything due when it starts"
+        assert ("pipeline_run_enrichment", today()) in pairs(result), "other types are not held back"
+        instance.delete_run(queued.run_id)
+
+        # The same for a queued run of the enrichment job that selects the type among others.
+        queued = instance.create_run_for_job(
+            combined_job, run_config={}, status=dg.DagsterRunStatus.NOT_STARTED,
+            tags={"dagster/partition": today(), TYPES_TAG: "team,model_instance"})
+        result = evaluate_sensor(defs, instance, database)
+        assert pair not in pairs(result) and ("team_enrichment", today()) not in pairs(result)
+        assert ("pipeline_run_enrichment", today()) in pairs(result)
+        instance.delete_run(queued.run_id)
 
         # It starts and leases part of the due set; what it did not take gets a run of its own.
-        instance.delete_run(queued.run_id)
         instance.create_run_for_job(job, run_config={}, tags={"dagster/partition": today()},
                                     status=dg.DagsterRunStatus.STARTED)
         live_store.claim("model_instance", limit=due - 5, owner="dagster:started", lease=timedelta(minutes=5))
         result = evaluate_sensor(defs, instance, database)
-    [request] = [r for r in result.run_requests if (r.job_name, r.partition_key) == pair]
-    assert request.run_key.endswith("|5"), "its run key counts only the 5 entities nobody has leased"
+    assert pairs(result)[pair].endswith("|5"), "its due set counts only the 5 entities nobody has leased"
 
 
 def test_sensor_asks_again_for_a_due_set_whose_run_failed(
     defs: dg.Definitions, database: str, live_store: FactStore, graph: MdsGraph
 ) -> None:
-    """The run key names the due set, and a failed run leaves the same due set behind: without this the
+    """A due set is named by its key, and a failed run leaves the same due set behind: without this the
     pair would wait for the retry sweep."""
     ingest(live_store, graph)
     pair = ("model_instance_enrichment", today())
-
-    def request(result: dg.SensorResult) -> dg.RunRequest | None:
-        return next((r for r in result.run_requests if (r.job_name, r.partition_key) == pair), None)
-
-    job = defs.resolve_job_def("model_instance_enrichment")
+    job = defs.resolve_job_def(ENRICHMENT_JOB)
     with dg.instance_for_test() as instance:
         first = evaluate_sensor(defs, instance, database)
-        key = request(first).run_key  # type: ignore[union-attr]
-        assert request(evaluate_sensor(defs, instance, database, cursor=first.cursor)) is None
+        key = pairs(first)[pair]
+        assert pair not in pairs(evaluate_sensor(defs, instance, database, cursor=first.cursor))
 
         failed = instance.create_run_for_job(job, run_config={}, status=dg.DagsterRunStatus.FAILURE,
-                                             tags={"dagster/partition": today(), "dagster/run_key": key})
+                                             tags={"dagster/partition": today(), due_tag("model_instance"): key})
         again = evaluate_sensor(defs, instance, database, cursor=first.cursor)
-        retry = request(again)
-        assert retry is not None and retry.run_key == f"{key}|after-{failed.run_id[:8]}"
-        assert request(evaluate_sensor(defs, instance, database, cursor=again.cursor)) is None, \
+        assert pairs(again).get(pair) == f"{key}|after-{failed.run_id[:8]}"
+        assert pair not in pairs(evaluate_sensor(defs, instance, database, cursor=again.cursor)), \
             "asked once per failure, not on every tick"
 
 

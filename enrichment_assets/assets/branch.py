@@ -34,6 +34,8 @@ TRIGGER_TAG = "enrichment/trigger"
 INCREMENTAL = "incremental"
 RECOMPUTE = "recompute"
 SEARCH_INDEX_KEY = dg.AssetKey(["search", "entities"])
+# A branch's assets, keyed [entity type, step].
+BRANCH_STEPS = ("candidates", "hydrated", "edges", "index_updates")
 
 CANDIDATE_COLUMNS = ["entity_type", "entity_id", "version", "state", "attempts", "first_seen_at", "reason"]
 HYDRATED_COLUMNS = ["entity_type", "entity_id", "version", "outcome", "error", "retry_at", "waiting_on",
