@@ -394,6 +394,8 @@ query Runs($after: Float!) {
         assetKey { path }
         metadataEntries { label ... on IntMetadataEntry { intValue } }
       }
+      ... on ExecutionStepFailureEvent { stepKey error { message } }
+      ... on RunFailureEvent { message }
     } }
   } } }
 }"""
@@ -419,6 +421,7 @@ class Run:
     steps: Mapping[str, tuple[float | None, float | None]]  # "<type>/<step>" -> (start, end)
     lifecycle: Mapping[str, float]  # RUN_STARTING etc. -> epoch seconds
     counts: Mapping[str, int]  # "<type>/<step>.<metadata label>" -> value, e.g. "team/candidates.claimed"
+    failures: Sequence[str] = ()  # a failed step's key and the first line of its error; a run failure's message
 
     @property
     def dequeued(self) -> float | None:
@@ -440,6 +443,14 @@ class Run:
         return sorted({key.split("/")[0] for key in self.steps})
 
 
+def _failure(event: Mapping[str, Any]) -> str:
+    """One line for a step failure (its step and the error's first line) or a run failure."""
+    if "error" in event:
+        lines = ((event["error"] or {}).get("message") or "").strip().splitlines() or ["(no message)"]
+        return f"{event.get('stepKey')}: {lines[0][:200]}"
+    return str(event["message"])[:200]
+
+
 def dagster_runs(dagster: LocalDagster, after: float) -> list[Run]:
     results = dagster.graphql(RUNS_QUERY, {"after": after})["runsOrError"]["results"]
     return sorted((
@@ -450,6 +461,7 @@ def dagster_runs(dagster: LocalDagster, after: float) -> list[Run]:
             {f"{'/'.join(e['assetKey']['path'])}.{m['label']}": m["intValue"]
              for e in r["eventConnection"]["events"] if e.get("assetKey")
              for m in e["metadataEntries"] if m.get("intValue") is not None},
+            [_failure(e) for e in r["eventConnection"]["events"] if "error" in e or "message" in e],
         )
         for r in results
     ), key=lambda r: r.created)
@@ -724,6 +736,10 @@ def report_runs(runs: Sequence[Run], ticks: Sequence[dict[str, Any]]) -> None:
     print_table("Dagster runs created during the measured phase (s)",
                 ["job", "runs", "in queue p50", "max", "dequeued to started p50", "max",
                  "started to done p50", "max", "documents indexed (already newer)", "failed"], rows)
+
+    failures = [f"{r.run_id[:8]} {line}" for r in runs if r.status in ("FAILURE", "CANCELED") for line in r.failures]
+    for line in failures[:10]:
+        console.print(f"[red]failed run[/red] {line}")
 
     root_runs = [r for r in runs if r.started and r.ended and r.step("candidates")[0] is not None]
     if root_runs:

@@ -40,6 +40,9 @@ def _upsert(
     """
     if not rows:
         return
+    # In key order, so two transactions upserting overlapping rows (runs of different types storing
+    # the same hop) take the row locks in the same order and cannot deadlock on them.
+    rows = sorted(rows, key=lambda row: tuple(row[c] for c in conflict))
     names = list(rows[0])
     if conn.dialect.name != "postgresql":
         stmt = sqlite.insert(table)
