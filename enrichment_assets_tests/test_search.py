@@ -5,6 +5,7 @@ ends, and an entity ingested but not yet enriched is searchable as pending."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -287,3 +288,25 @@ def test_a_drain_looks_at_the_outbox_again_after_letting_the_lock_go(
     report = sync_index(store, POLICY, search_index)
     assert report.changed == {("a", "a1"), ("a", "a2")}
     assert store.index_backlog(limit=10) == []
+
+
+def test_a_bulk_request_that_times_out_fails_its_documents_and_keeps_them_in_the_outbox(
+    store: FactStore, search_index: SearchIndex
+) -> None:
+    """A server that takes the connection and never answers (a real socket, nothing accepted): the
+    client times out, which the bulk helpers raise rather than report per item."""
+    from elasticsearch import Elasticsearch
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        client = Elasticsearch(f"http://127.0.0.1:{silent.getsockname()[1]}", request_timeout=0.3, max_retries=0)
+        stalled = SearchIndex(client, alias=search_index.alias)
+        ingest(store, "a", "a1", "a2")
+        own, _ = sync_changed(store, POLICY, stalled, [("a", "a1"), ("a", "a2")])
+        client.close()
+    assert set(own.failures) == {document_id("a", "a1"), document_id("a", "a2")}
+    assert all("ConnectionTimeout" in reason for reason in own.failures.values())
+    assert set(store.index_behind([("a", "a1"), ("a", "a2")])) == {("a", "a1"), ("a", "a2")}, "nothing acknowledged"
+    sync_index(store, POLICY, search_index)
+    assert doc(search_index, "a", "a1")["state"] == "pending" and not store.index_behind([("a", "a1"), ("a", "a2")])

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from elasticsearch import Elasticsearch, NotFoundError, helpers
+from elasticsearch import Elasticsearch, NotFoundError, TransportError, helpers
 
 from enrichment_assets.search.mappings import MAPPINGS, SETTINGS
 
@@ -41,10 +41,15 @@ class Action:
 
 
 class SearchIndex:
-    def __init__(self, client: Elasticsearch, *, alias: str = DEFAULT_ALIAS, chunk_size: int = 500) -> None:
+    def __init__(self, client: Elasticsearch, *, alias: str = DEFAULT_ALIAS, chunk_size: int = 500,
+                 max_chunk_bytes: int = 4 * 1024 * 1024) -> None:
         self.client = client
         self.alias = alias
+        # A bulk request is at most chunk_size documents and max_chunk_bytes: a hub's document with
+        # hundreds of nested relationships costs the server as much as dozens of small ones, and one
+        # request must finish well inside the client's timeout.
         self.chunk_size = chunk_size
+        self.max_chunk_bytes = max_chunk_bytes
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SearchIndex:
@@ -86,23 +91,36 @@ class SearchIndex:
         result = WriteResult()
         by_id = {a.doc_id: a for a in actions}
         target = index or self.alias
-        for ok, item in helpers.streaming_bulk(
+        items = helpers.streaming_bulk(
             self.client, (a.as_bulk(target) for a in by_id.values()), chunk_size=self.chunk_size,
-            raise_on_error=False, raise_on_exception=False, max_retries=3, initial_backoff=0.5,
-        ):
-            (op, detail), = item.items()
-            doc_id = detail.get("_id")
-            status = detail.get("status", 0)
-            if ok or (op == "delete" and status == 404):
-                result.written.append((doc_id, by_id[doc_id].version))
-            elif status == 409:
-                result.superseded += 1
-                result.written.append((doc_id, by_id[doc_id].version))
-            else:
-                error = detail.get("error")
-                reason = error.get("reason") if isinstance(error, dict) else str(error or status)
-                result.failures[doc_id] = f"{op} answered {status}: {reason}"
+            max_chunk_bytes=self.max_chunk_bytes, raise_on_error=False, raise_on_exception=False,
+            max_retries=3, initial_backoff=0.5,
+        )
+        try:
+            for ok, item in items:
+                self._account(ok, item, by_id, result)
+        except TransportError as error:
+            # A timeout or a lost connection (the helpers turn only answered errors into items):
+            # everything not yet accounted for fails this time and stays in the outbox for the next.
+            done = {doc_id for doc_id, _ in result.written} | set(result.failures)
+            reason = f"bulk request failed: {type(error).__name__}: {error}"[:300]
+            result.failures.update({doc_id: reason for doc_id in by_id if doc_id not in done})
         return result
+
+    @staticmethod
+    def _account(ok: bool, item: dict[str, Any], by_id: dict[str, Action], result: WriteResult) -> None:
+        (op, detail), = item.items()
+        doc_id = detail.get("_id")
+        status = detail.get("status", 0)
+        if ok or (op == "delete" and status == 404):
+            result.written.append((doc_id, by_id[doc_id].version))
+        elif status == 409:
+            result.superseded += 1
+            result.written.append((doc_id, by_id[doc_id].version))
+        else:
+            error = detail.get("error")
+            reason = error.get("reason") if isinstance(error, dict) else str(error or status)
+            result.failures[doc_id] = f"{op} answered {status}: {reason}"
 
     def refresh(self) -> None:
         self.client.indices.refresh(index=self.alias)
