@@ -93,8 +93,8 @@ class TimedFactStore(FactStore):
     def index_backlog(self, *, limit: int) -> list[EntityKey]:
         return self._timed("index_backlog", lambda: super(TimedFactStore, self).index_backlog(limit=limit))
 
-    def document_sources(self, keys: Sequence[EntityKey]) -> list[DocumentSource]:
-        return self._timed("document_sources", lambda: super(TimedFactStore, self).document_sources(keys))
+    def document_sources(self, keys: Sequence[EntityKey], *, cap: int) -> list[DocumentSource]:  # type: ignore[override]
+        return self._timed("document_sources", lambda: super(TimedFactStore, self).document_sources(keys, cap=cap))
 
     def mark_indexed(self, written: Sequence[tuple[EntityKey, int]]) -> None:
         self._timed("mark_indexed", lambda: super(TimedFactStore, self).mark_indexed(written))
@@ -216,7 +216,7 @@ def prebuild(store: FactStore, policy: Policy, keys: Sequence[EntityKey]) -> Pre
     out = Prebuilt()
     for start in range(0, len(keys), READ_BATCH):
         began = time.perf_counter()
-        sources = store.document_sources(keys[start : start + READ_BATCH])
+        sources = store.document_sources(keys[start : start + READ_BATCH], cap=policy.defaults.document_relationship_cap)
         built = time.perf_counter()
         out.actions += [
             Action(document_id(*s.key), s.doc_version, None if s.state == "deleted" else build_document(policy, s))

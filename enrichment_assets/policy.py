@@ -144,6 +144,11 @@ class Defaults(_Model):
     max_attempts: pydantic.PositiveInt = 5
     retry_base_delay: Duration = timedelta(seconds=30)
     retry_max_delay: Duration = timedelta(hours=1)
+    # Search documents list at most this many relationships per (relation, direction) and references
+    # per field, first by the other end's id; relationship_totals counts them all, and the read API
+    # serves the full lists. A hub (the team behind every model) is rewritten whenever any of its
+    # edges changes, and every nested relationship costs the search server a hidden document.
+    document_relationship_cap: pydantic.PositiveInt = 25
 
 
 class TypePolicy(_Model):

@@ -176,19 +176,18 @@ def test_full_rebuild_keeps_searches_answering(store: FactStore, search_index: S
 def test_a_hub_document_lists_its_first_edges_per_relation_and_counts_them_all(
     store: FactStore, search_index: SearchIndex
 ) -> None:
-    from enrichment_assets.factstore.outbox import RELATIONSHIP_CAP
-
+    cap = POLICY.defaults.document_relationship_cap
     ingest(store, "c", "hub")
     enrich(store, "c", {"hub": "Hub"})
-    spokes = [f"a{i:04d}" for i in range(RELATIONSHIP_CAP + 30)]
+    spokes = [f"a{i:04d}" for i in range(cap + 80)]
     ingest(store, "a", *spokes)
     for _ in range(2):  # enrich() claims 100 at a time
         enrich(store, "a", {}, {s: [("reaches", "hub")] for s in spokes})
     assert sync_index(store, POLICY, search_index).failures == {}
     hub = doc(search_index, "c", "hub")
     incoming = [r for r in hub["relationships"] if r["direction"] == "in"]
-    assert len(incoming) == RELATIONSHIP_CAP
-    assert {r["other_id"] for r in incoming} == set(spokes[:RELATIONSHIP_CAP]), "the first ones by id"
+    assert len(incoming) == cap
+    assert {r["other_id"] for r in incoming} == set(spokes[:cap]), "the first ones by id"
     assert hub["relationship_totals"] == [
         {"relation": "reaches", "direction": "in", "derived": True, "total": len(spokes)}]
     assert len(store.edges_of("c", "hub", direction="in")) == len(spokes), "the full list stays in the store"

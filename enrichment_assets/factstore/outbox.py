@@ -16,8 +16,9 @@ _CHUNK = 500
 # A hub (a team every model is owned by, an A/B test thousands of instances ran in) would otherwise
 # carry every edge into its one document: unbounded documents, slow bulk writes, and past
 # Elasticsearch's index.mapping.nested_objects.limit (10,000) a rejected write. The read API serves
-# the full lists from the fact store.
-RELATIONSHIP_CAP = 100
+# the full lists from the fact store. The search sync passes the policy's document_relationship_cap;
+# this is the default for other callers.
+RELATIONSHIP_CAP = 25
 
 
 @dataclass(frozen=True)

@@ -460,9 +460,10 @@ class FactStore:
         with self.engine.connect() as conn:
             return outbox.backlog(conn, limit)
 
-    def document_sources(self, keys: Sequence[EntityKey]) -> list[outbox.DocumentSource]:
+    def document_sources(self, keys: Sequence[EntityKey], *, cap: int = outbox.RELATIONSHIP_CAP
+                         ) -> list[outbox.DocumentSource]:
         with self.engine.connect() as conn:
-            return outbox.document_sources(conn, keys)
+            return outbox.document_sources(conn, keys, cap=cap)
 
     def mark_indexed(self, written: Sequence[tuple[EntityKey, int]]) -> None:
         with self.engine.begin() as conn:

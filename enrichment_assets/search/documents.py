@@ -61,7 +61,7 @@ def build_document(policy: Policy, source: DocumentSource) -> dict[str, Any]:
         "last_enriched_at": source.last_enriched_at.isoformat() if source.last_enriched_at else None,
         "attributes": _indexed_attributes(policy, source),
         "relationships": relationships,
-        # Documents list at most RELATIONSHIP_CAP of each; these are the full counts.
+        # Documents list at most defaults.document_relationship_cap of each; these are the full counts.
         "relationship_totals": sorted(source.totals, key=lambda t: (t["relation"], t["direction"], t["derived"])),
     }
 

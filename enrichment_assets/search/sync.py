@@ -43,7 +43,7 @@ class IndexReport:
 
 def actions_for(store: FactStore, policy: Policy, keys: list[EntityKey]) -> tuple[list[Action], dict[str, EntityKey]]:
     actions, ids = [], {}
-    for source in store.document_sources(keys):
+    for source in store.document_sources(keys, cap=policy.defaults.document_relationship_cap):
         doc_id = document_id(*source.key)
         ids[doc_id] = source.key
         document = None if source.state == "deleted" else build_document(policy, source)
