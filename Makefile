@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/hydrate.py
 	$(BIN)/python bench/read.py
 	$(BIN)/python bench/reindex.py
+	$(BIN)/python bench/search_nested.py
 	$(BIN)/python bench/staleness.py
 
 ## `dagster dev` on the SQLite instance under .enrichment/dagster, against ENRICHMENT_* / ELASTICSEARCH_URL
