@@ -9,15 +9,19 @@ settings from the environment, search off) on 127.0.0.1.
 Measured, for ``--samples`` model instances drawn at random (seeded):
 
 1. Materialized edge: ``GET /v1/entities/model_instance/{id}/edges?relation=evaluated_in``,
-   ``--requests`` sequential requests over one keep-alive httpx client, cycling through the sampled
+   ``--requests`` sequential requests over one keep-alive connection, cycling through the sampled
    ids, after ``--warmup`` untimed ones.
 2. Baseline, synchronous walk on read, as a read-time service without the fact store would answer:
    GET the model instance from its source, GET its pipeline run, GET each A/B test the run names
-   (only tests that exist count), one sequential httpx GET at a time over one keep-alive client;
+   (only tests that exist count), one sequential GET at a time over one keep-alive connection;
    paths and fields come from the shipped policy (``policies/mds.yaml``). Once per sampled id, after
    a few untimed walks.
-3. For reference: ``GET /healthz`` over the same API connection (HTTP plus one database ping), and
-   the handler's fact-store read in-process (``FactStore.entity_edges``, no HTTP).
+3. For reference: the same edge lookups through an ``httpx.Client`` (what a Python caller of the API
+   would likely use: the difference is the client's own cost), ``GET /healthz`` (HTTP plus one
+   database ping), and the handler's fact-store read in-process (``FactStore.entity_edges``, no HTTP).
+
+Both read paths use the standard library's ``http.client`` with keep-alive, the leanest Python client,
+so the figures measure the servers rather than the client.
 
 Correctness: for every sampled id, the A/B test set of the walk and of the edge API are compared
 (and each with the simulator's own graph); mismatches are counted.
@@ -32,6 +36,8 @@ minute at the defaults; ``BENCH_DATABASE_URL`` to use an existing PostgreSQL ser
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import random
 import tempfile
@@ -40,7 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -97,10 +103,31 @@ def materialize(store: FactStore, policy: Policy, graph: MdsGraph) -> tuple[int,
 # -- the two read paths ----------------------------------------------------------------------------
 
 
+class KeepAlive:
+    """One keep-alive HTTP/1.1 connection per host (the standard library's client): GET -> (status, body)."""
+
+    def __init__(self, timeout: float = 10.0) -> None:
+        self.timeout = timeout
+        self.connections: dict[str, http.client.HTTPConnection] = {}
+
+    def get(self, url: str) -> tuple[int, bytes]:
+        parts = urlsplit(url)
+        conn = self.connections.get(parts.netloc)
+        if conn is None:
+            conn = self.connections[parts.netloc] = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
+        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
+        response = conn.getresponse()
+        return response.status, response.read()
+
+    def close(self) -> None:
+        for conn in self.connections.values():
+            conn.close()
+
+
 class SyncWalker:
     """The naive read-time answer: follow the policy's path with one blocking GET per entity."""
 
-    def __init__(self, client: httpx.Client, policy: Policy, environ: dict[str, str]) -> None:
+    def __init__(self, client: KeepAlive, policy: Policy, environ: dict[str, str]) -> None:
         self.client = client
         self.policy = policy
         self.environ = environ
@@ -110,11 +137,12 @@ class SyncWalker:
         declared = self.policy.entity_types[entity_type]
         base = self.policy.sources[declared.source].resolved_base_url(self.environ)
         self.requests += 1
-        response = self.client.get(base + declared.path.replace("{id}", encode_segment(entity_id)))
-        if response.status_code == 404:
+        status, body = self.client.get(base + declared.path.replace("{id}", encode_segment(entity_id)))
+        if status == 404:
             return None
-        response.raise_for_status()
-        return response.json()
+        if status != 200:
+            raise RuntimeError(f"{entity_type}/{entity_id}: HTTP {status} {body[:300]!r}")
+        return json.loads(body)
 
     def walk(self, entity_type: str, entity_id: str, hops: Sequence[str]) -> set[str]:
         """Ids at the end of ``hops`` from the entity, through (and ending at) entities that exist."""
@@ -147,20 +175,34 @@ def time_calls(call: Callable[[str], set[str]], ids: Sequence[str], count: int, 
     return ms, answers
 
 
-def edge_lookup(client: httpx.Client) -> Callable[[str], set[str]]:
+def edges_path(entity_id: str) -> str:
+    return f"/v1/entities/{ROOT_TYPE}/{quote(entity_id, safe='')}/edges?relation={RELATION}"
+
+
+def edge_lookup(client: KeepAlive, api: str) -> Callable[[str], set[str]]:
     def lookup(entity_id: str) -> set[str]:
-        response = client.get(f"/v1/entities/{ROOT_TYPE}/{quote(entity_id, safe='')}/edges",
-                              params={"relation": RELATION})
-        if response.status_code != 200:
-            raise RuntimeError(f"edges of {entity_id}: HTTP {response.status_code} {response.text[:300]}")
+        status, body = client.get(api + edges_path(entity_id))
+        if status != 200:
+            raise RuntimeError(f"edges of {entity_id}: HTTP {status} {body[:300]!r}")
+        return {e["dst_id"] for e in json.loads(body)["edges"]}
+
+    return lookup
+
+
+def edge_lookup_httpx(client: httpx.Client) -> Callable[[str], set[str]]:
+    def lookup(entity_id: str) -> set[str]:
+        response = client.get(edges_path(entity_id))
+        response.raise_for_status()
         return {e["dst_id"] for e in response.json()["edges"]}
 
     return lookup
 
 
-def healthz(client: httpx.Client) -> Callable[[str], set[str]]:
+def healthz(client: KeepAlive, api: str) -> Callable[[str], set[str]]:
     def ping(_entity_id: str) -> set[str]:
-        client.get("/healthz").raise_for_status()
+        status, body = client.get(api + "/healthz")
+        if status != 200:
+            raise RuntimeError(f"/healthz: HTTP {status} {body[:300]!r}")
         return set()
 
     return ping
@@ -168,8 +210,8 @@ def healthz(client: httpx.Client) -> Callable[[str], set[str]]:
 
 def in_process(store: FactStore) -> Callable[[str], set[str]]:
     def read(entity_id: str) -> set[str]:
-        _, found, _ = store.entity_edges(ROOT_TYPE, entity_id, relation=RELATION, limit=1000)
-        return {e["dst_id"] for e in found}
+        found = store.entity_edges(ROOT_TYPE, entity_id, relation=RELATION, limit=1000)
+        return {e["dst_id"] for e in found.edges} if found else set()
 
     return read
 
@@ -246,23 +288,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         for unused in ("ENRICHMENT_API_TOKEN", "ELASTICSEARCH_URL", "ENRICHMENT_POLICY"):
             env.pop(unused, None)
 
-        with tempfile.TemporaryDirectory(prefix="bench-read-") as tmp, api_server(env, Path(tmp) / "serve.log") as api, \
-                httpx.Client(base_url=api, timeout=10) as client:
+        with tempfile.TemporaryDirectory(prefix="bench-read-") as tmp, api_server(env, Path(tmp) / "serve.log") as api:
+            client = KeepAlive()
             with console.status(f"edge lookups: {args.warmup:,} warm-up, {args.requests:,} timed"):
-                edge_ms, edge_answers = time_calls(edge_lookup(client), ids, args.requests, args.warmup)
-                health_ms, _ = time_calls(healthz(client), ids, min(args.requests, 2_000), min(args.warmup, 100))
+                edge_ms, edge_answers = time_calls(edge_lookup(client, api), ids, args.requests, args.warmup)
+                health_ms, _ = time_calls(healthz(client, api), ids, min(args.requests, 2_000), min(args.warmup, 100))
+            client.close()
+            with console.status("the same edge lookups through httpx"), httpx.Client(base_url=api, timeout=10) as hx:
+                httpx_ms, _ = time_calls(edge_lookup_httpx(hx), ids, min(args.requests, 2_000), min(args.warmup, 100))
         with console.status("fact-store reads in-process"):
             local_ms, _ = time_calls(in_process(store), ids, min(args.requests, 2_000), min(args.warmup, 100))
         store.dispose()
 
-        with console.status(f"synchronous walks on read: {len(ids):,} ids"), httpx.Client(timeout=10) as sources:
+        with console.status(f"synchronous walks on read: {len(ids):,} ids"):
+            sources = KeepAlive()
             walker = SyncWalker(sources, policy, environ)
             walk_ms, walk_answers = time_calls(lambda i: walker.walk(ROOT_TYPE, i, hops), ids, len(ids), WALK_WARMUP)
             per_walk = walker.requests / (len(ids) + WALK_WARMUP)
+            sources.close()
 
     walk = Timings(f"sync walk on read ({args.latency_ms:.0f} ms per source GET)", walk_ms, per_walk)
     edge = Timings(f"materialized: GET .../edges?relation={RELATION}", edge_ms)
-    references = [Timings("  reference: GET /healthz (HTTP + DB ping)", health_ms),
+    references = [Timings("  reference: the same lookups through httpx.Client", httpx_ms),
+                  Timings("  reference: GET /healthz (HTTP + DB ping)", health_ms),
                   Timings("  reference: FactStore.entity_edges in-process", local_ms, 0.0)]
     caption += (f"\nsimulator seed {args.seed}, scale {args.scale}: {sum(graph.counts().values()):,} entities; "
                 f"{len(ids):,} sampled {ROOT_TYPE} ids; all requests sequential over one keep-alive connection")

@@ -117,29 +117,25 @@ def create_app(store: FactStore, settings: Settings, search: SearchIndex | None 
             limit = 0
         if not 1 <= limit <= MAX_EDGE_LIMIT:
             return JSONResponse({"error": f"limit must be an integer from 1 to {MAX_EDGE_LIMIT}"}, status_code=400)
-        record, edges, total = await run_in_threadpool(
+        found = await run_in_threadpool(
             partial(store.entity_edges, relation=relation, direction=direction, limit=limit),  # type: ignore[arg-type]
             entity_type, entity_id)
-        if record is None:
+        if found is None:
             return JSONResponse({"error": f"no entity {entity_type}/{entity_id} in the fact store"}, status_code=404)
-        now = store.now()
         return JSONResponse({
             "entity_type": entity_type,
             "entity_id": entity_id,
-            "state": record.state,
-            "last_enriched_at": _iso(record.last_enriched_at),
-            "staleness_seconds": record.staleness_seconds(now),
+            "state": found.state,
+            "last_enriched_at": _iso(found.last_enriched_at),
+            "staleness_seconds": found.staleness_seconds(store.now()),
             # Partial: some paths wait on entities not there yet, so these edges may be incomplete.
-            "partial": record.state == "partially_resolved",
+            "partial": found.state == "partially_resolved",
             "direction": direction,
-            "total": total,
-            "truncated": total > len(edges),
+            "total": found.total,
+            "truncated": found.truncated,
             "edges": [
-                {"relation": e["relation"], "src_type": e["src_type"], "src_id": e["src_id"],
-                 "dst_type": e["dst_type"], "dst_id": e["dst_id"], "kind": e["kind"],
-                 "confidence": e["confidence"], "policy": e["policy"], "path": e["path"],
-                 "asserted_at": _iso(e["asserted_at"]), "confirmed_at": _iso(e["confirmed_at"])}
-                for e in edges
+                {**e, "asserted_at": _iso(e["asserted_at"]), "confirmed_at": _iso(e["confirmed_at"])}
+                for e in found.edges
             ],
         })
 

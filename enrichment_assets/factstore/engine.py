@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -36,6 +38,24 @@ def create_engine(url: str) -> sa.Engine:
         _serialize_sqlite_writers(engine)
         return engine
     raise ValueError(f"unsupported database {backend!r}: use a postgresql:// or sqlite:/// URL")
+
+
+def create_read_engine(engine: sa.Engine, *, on_connect: Callable[[Any, Any], None] | None = None) -> sa.Engine:
+    """A second PostgreSQL pool for single-statement reads, beside ``engine``.
+
+    Autocommit, no ping at checkout and no rollback at checkin: a read statement needs no
+    transaction, and each of those is a round trip that costs as much as the read itself. A connection
+    the server dropped fails its statement, and SQLAlchemy then discards every older pooled connection,
+    so one retry (``FactStore._read``) is always enough. ``on_connect(dbapi_connection, record)`` runs
+    once per new connection (the store prepares its hot statements there).
+    """
+    reader = sa.create_engine(
+        engine.url, isolation_level="AUTOCOMMIT", pool_pre_ping=False, pool_reset_on_return=None,
+        pool_size=8, max_overflow=8,
+    )
+    if on_connect is not None:
+        sa.event.listen(reader, "connect", on_connect)
+    return reader
 
 
 def _serialize_sqlite_writers(engine: sa.Engine) -> None:

@@ -210,9 +210,27 @@ class EntityRecord:
 
     def staleness_seconds(self, now: datetime) -> float | None:
         """Seconds since the entity's graph was last verified against its sources; None if never."""
-        if self.last_enriched_at is None:
-            return None
-        return max((now - self.last_enriched_at).total_seconds(), 0.0)
+        return staleness_seconds(self.last_enriched_at, now)
+
+
+@dataclass(frozen=True)
+class EdgeLookup:
+    """The read API's answer for one entity: its state and freshness, its first live edges (each a
+    mapping of ``reads.EDGE_FIELDS``) and how many there are in all."""
+
+    entity_type: str
+    entity_id: str
+    state: str
+    last_enriched_at: datetime | None
+    total: int
+    edges: list[dict[str, Any]]
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > len(self.edges)
+
+    def staleness_seconds(self, now: datetime) -> float | None:
+        return staleness_seconds(self.last_enriched_at, now)
 
 
 @dataclass(frozen=True)
@@ -221,3 +239,10 @@ class TypeStatus:
     counts: dict[str, int]
     oldest_waiting_id: str | None
     oldest_waiting_since: datetime | None
+
+
+def staleness_seconds(last_enriched_at: datetime | None, now: datetime) -> float | None:
+    """Seconds since an entity's graph was last verified against its sources; None if never."""
+    if last_enriched_at is None:
+        return None
+    return max((now - last_enriched_at).total_seconds(), 0.0)

@@ -19,12 +19,13 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 
 from enrichment_assets.events import Event
-from enrichment_assets.factstore import arrays, graph, ingest, migrations, outbox, queue
-from enrichment_assets.factstore.engine import create_engine
+from enrichment_assets.factstore import arrays, graph, ingest, migrations, outbox, queue, reads
+from enrichment_assets.factstore.engine import create_engine, create_read_engine
 from enrichment_assets.factstore.models import (
     Claim,
     DerivedEdge,
     DueWork,
+    EdgeLookup,
     EntityKey,
     EntityRecord,
     FinishResult,
@@ -54,6 +55,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class _ReaderLost(Exception):
+    """A reader connection turned out dead; the pool has been reset and the read may be retried."""
+
+
 class ClaimError(RuntimeError):
     """A claim operation was refused (for example, an empty owner)."""
 
@@ -74,6 +79,8 @@ class FactStore:
         self.engine = engine
         self._clock = clock
         self._rng = rng or random.Random()
+        self._read_engine: sa.Engine | None = None
+        self._read_engine_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> FactStore:
@@ -92,6 +99,8 @@ class FactStore:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._read_engine is not None:
+            self._read_engine.dispose()
 
     # -- ingestion ----------------------------------------------------------------------------------
 
@@ -363,7 +372,7 @@ class FactStore:
                  limit: int | None = None) -> list[dict[str, Any]]:
         """Derived edges from the entity (``out``) or into it (``in``), with their provenance; at most
         ``limit``, ordered by relation and the other end."""
-        stmt = _edges_stmt(entity_type, entity_id, relation, direction, include_retracted, limit)
+        stmt = reads.edges_stmt(entity_type, entity_id, relation, direction, include_retracted, limit)
         with self.engine.connect() as conn:
             return [dict(row) for row in conn.execute(stmt).mappings()]
 
@@ -371,27 +380,55 @@ class FactStore:
                    direction: Literal["out", "in"] = "out") -> int:
         """How many live edges ``edges_of`` would return without a limit."""
         with self.engine.connect() as conn:
-            return conn.execute(_edge_total_stmt(entity_type, entity_id, relation, direction)).scalar_one()
+            return conn.execute(reads.edge_total_stmt(entity_type, entity_id, relation, direction)).scalar_one()
 
     def entity_edges(self, entity_type: str, entity_id: str, *, relation: str | None = None,
-                     direction: Literal["out", "in"] = "out", limit: int
-                     ) -> tuple[EntityRecord | None, list[dict[str, Any]], int]:
-        """The read API's edge lookup: the entity, its first ``limit`` live edges and their total, on
-        one pooled connection, on PostgreSQL outside a transaction (no BEGIN/ROLLBACK round trips for a
-        read; SQLite's engine begins every transaction as a writer, so there it stays in one)."""
-        stmt = _edges_stmt(entity_type, entity_id, relation, direction, False, limit)
-        with self._reader() as conn:
-            row = conn.execute(_entity_stmt(entity_type, entity_id)).first()
-            if row is None:
-                return None, [], 0
-            found = [dict(r) for r in conn.execute(stmt).mappings()]
-            total = len(found) if len(found) < limit else conn.execute(
-                _edge_total_stmt(entity_type, entity_id, relation, direction)).scalar_one()
-        return EntityRecord(*row), found, total
+                     direction: Literal["out", "in"] = "out", limit: int) -> EdgeLookup | None:
+        """The read API's edge lookup, in one statement and one round trip: the entity's state and
+        ``last_enriched_at``, its first ``limit`` live edges and their total; None if unknown.
+
+        PostgreSQL: a statement prepared on a reader connection, run through the driver's cursor
+        (``reads.prepared_edge_lookup``); a connection the server dropped costs one retry."""
+        args = (entity_type, entity_id)
+        kwargs: dict[str, Any] = {"relation": relation, "direction": direction, "limit": limit}
+        if self.dialect != "postgresql":
+            with self.engine.connect() as conn:
+                return reads.edge_lookup(conn, *args, **kwargs)
+        try:
+            return self._on_reader_cursor(lambda cursor: reads.prepared_edge_lookup(cursor, *args, **kwargs))
+        except _ReaderLost:
+            return self._on_reader_cursor(lambda cursor: reads.prepared_edge_lookup(cursor, *args, **kwargs))
+
+    def _on_reader_cursor(self, read: Callable[[Any], Any]) -> Any:
+        """``read(cursor)`` on a pooled reader connection's driver cursor."""
+        engine = self._reader_engine()
+        raw = engine.raw_connection()
+        try:
+            with raw.cursor() as cursor:
+                return read(cursor)
+        except engine.dialect.loaded_dbapi.Error as error:
+            if not engine.dialect.is_disconnect(error, raw.dbapi_connection, None):
+                raise
+            # The server went away under the pool: every pooled connection is as dead as this one.
+            raw.invalidate(error)
+            engine.dispose()
+            raise _ReaderLost from error
+        finally:
+            raw.close()
 
     def _reader(self) -> sa.Connection:
-        conn = self.engine.connect()
-        return conn.execution_options(isolation_level="AUTOCOMMIT") if self.dialect == "postgresql" else conn
+        """A connection for single-statement reads. SQLite's engine begins every transaction as a
+        writer, so there reads share the one engine."""
+        return self._reader_engine().connect() if self.dialect == "postgresql" else self.engine.connect()
+
+    def _reader_engine(self) -> sa.Engine:
+        """PostgreSQL: a second pool, in autocommit, with no ping or reset round trips around a read,
+        whose connections prepare the read API's statements when they open."""
+        if self._read_engine is None:
+            with self._read_engine_lock:
+                if self._read_engine is None:
+                    self._read_engine = create_read_engine(self.engine, on_connect=reads.prepare_statements)
+        return self._read_engine
 
     def edge_counts(self) -> dict[tuple[str, str, str], int]:
         """Live derived edges per (source type, relation, target type)."""
@@ -596,7 +633,7 @@ class FactStore:
 
     def get_entity(self, entity_type: str, entity_id: str) -> EntityRecord | None:
         with self.engine.connect() as conn:
-            row = conn.execute(_entity_stmt(entity_type, entity_id)).first()
+            row = conn.execute(reads.entity_stmt(entity_type, entity_id)).first()
         return EntityRecord(*row) if row else None
 
     def status(self) -> list[TypeStatus]:
@@ -624,33 +661,6 @@ class FactStore:
 
     def now(self) -> datetime:
         return self._clock()
-
-
-def _entity_stmt(entity_type: str, entity_id: str) -> sa.Select[Any]:
-    return sa.select(*[entities.c[f] for f in EntityRecord.__dataclass_fields__]).where(
-        entities.c.entity_type == entity_type, entities.c.entity_id == entity_id)
-
-
-def _edges_stmt(entity_type: str, entity_id: str, relation: str | None, direction: str,
-                include_retracted: bool, limit: int | None) -> sa.Select[Any]:
-    if direction not in ("out", "in"):
-        raise ValueError(f"direction must be 'out' or 'in', not {direction!r}")
-    this, other = (("src_type", "src_id"), ("dst_type", "dst_id"))[:: 1 if direction == "out" else -1]
-    where = [edges.c[this[0]] == entity_type, edges.c[this[1]] == entity_id]
-    if relation is not None:
-        where.append(edges.c.relation == relation)
-    if not include_retracted:
-        where.append(edges.c.retracted_at.is_(None))
-    stmt = sa.select(edges).where(*where).order_by(edges.c.relation, edges.c[other[0]], edges.c[other[1]])
-    return stmt if limit is None else stmt.limit(limit)
-
-
-def _edge_total_stmt(entity_type: str, entity_id: str, relation: str | None, direction: str) -> sa.Select[Any]:
-    this = ("src_type", "src_id") if direction == "out" else ("dst_type", "dst_id")
-    where = [edges.c[this[0]] == entity_type, edges.c[this[1]] == entity_id, edges.c.retracted_at.is_(None)]
-    if relation is not None:
-        where.append(edges.c.relation == relation)
-    return sa.select(sa.func.count()).where(*where)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
