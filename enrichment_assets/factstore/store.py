@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import sqlite
 
 from enrichment_assets.events import Event
 from enrichment_assets.factstore import arrays, graph, ingest, migrations, outbox, queue, reads
@@ -125,7 +124,7 @@ class FactStore:
             if self.dialect == "postgresql":
                 # One statement for the whole batch, its columns sent as arrays: psycopg2 would run
                 # an executemany upsert row by row (SQLAlchemy does not page ON CONFLICT inserts).
-                conn.execute(ingest.upsert_statement(ingest.unnest_insert()), {
+                conn.execute(ingest.POSTGRES_UPSERT, {
                     "types": [e.entity_type for e in latest.values()],
                     "ids": [e.entity_id for e in latest.values()],
                     "states": [ingest.state_for(e.event_type) for e in latest.values()],
@@ -133,7 +132,7 @@ class FactStore:
                     "now": now,
                 })
             else:
-                conn.execute(ingest.upsert_statement(sqlite.insert(entities)), [
+                conn.execute(ingest.SQLITE_UPSERT, [
                     {"entity_type": e.entity_type, "entity_id": e.entity_id, "state": ingest.state_for(e.event_type),
                      "version": 1, "first_seen_at": now, "updated_at": now, "last_event_at": e.occurred_at,
                      "attempts": 0, "next_attempt_at": now}
