@@ -8,7 +8,7 @@ asserted and retracted (search re-indexes both ends of each) without per-row sta
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -85,6 +85,25 @@ def record_hydrations(
         },
     )
     return [(t, i) for t, i, attrs in rows if before.get((t, i)) not in (None, attrs)]
+
+
+def fresh_attributes(conn: sa.Connection, entity_type: str, ids: Sequence[str], *, ttl: timedelta,
+                     now: datetime) -> dict[str, dict[str, Any]]:
+    """Stored attributes worth reusing instead of calling the source: hydrated within ``ttl`` and not
+    changed by an event since."""
+    found: dict[str, dict[str, Any]] = {}
+    for chunk in _chunks(ids):
+        found.update(tuple(row) for row in conn.execute(  # type: ignore[misc]
+            sa.select(entities.c.entity_id, entities.c.attributes).where(
+                entities.c.entity_type == entity_type,
+                entities.c.entity_id.in_(chunk),
+                entities.c.attributes.is_not(None),
+                entities.c.state != EntityState.DELETED.value,
+                entities.c.hydrated_at >= now - ttl,
+                entities.c.hydrated_at >= entities.c.updated_at,
+            )
+        ))
+    return found
 
 
 def stored_attributes(conn: sa.Connection, keys: Sequence[EntityKey]) -> dict[EntityKey, dict[str, Any]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -19,6 +21,9 @@ _CHUNK = 500
 # the full lists from the fact store. The search sync passes the policy's document_relationship_cap;
 # this is the default for other callers.
 RELATIONSHIP_CAP = 25
+# Any constant distinct from the migrations' key; the same in every process that drains this database.
+_DRAIN_LOCK_KEY = 0x656E7269636802
+_SQLITE_DRAIN_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,37 @@ class DocumentSource:
     @property
     def key(self) -> EntityKey:
         return (self.entity_type, self.entity_id)
+
+
+@contextmanager
+def drain_lock(engine: sa.Engine, *, wait: bool) -> Iterator[bool]:
+    """One drain at a time across every process; yields whether the lock is held (with
+    ``wait=False`` it is not taken when another drain holds it).
+
+    Concurrent drains read the same head of the outbox and write the same documents, so all but
+    one write per document is refused as superseded: pure waste. PostgreSQL: a session advisory
+    lock on a connection held for the drain (released by the server if the process dies). SQLite
+    serializes writers by itself and is single-machine, so there the lock is per process.
+    """
+    if engine.dialect.name != "postgresql":
+        if not _SQLITE_DRAIN_LOCK.acquire(blocking=wait):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            _SQLITE_DRAIN_LOCK.release()
+        return
+    with engine.connect() as conn:
+        take = sa.func.pg_advisory_lock if wait else sa.func.pg_try_advisory_lock
+        held = conn.execute(sa.select(take(_DRAIN_LOCK_KEY))).scalar() is not False
+        conn.commit()
+        try:
+            yield held
+        finally:
+            if held:
+                conn.execute(sa.select(sa.func.pg_advisory_unlock(_DRAIN_LOCK_KEY)))
+                conn.commit()
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:

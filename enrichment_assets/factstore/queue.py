@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql
 
 from enrichment_assets.factstore import arrays
 from enrichment_assets.factstore.models import Claim, EntityKey, Outcome, RetryPolicy
-from enrichment_assets.factstore.schema import PENDING_STATES, EntityState, entities
+from enrichment_assets.factstore.schema import CLAIMABLE_STATES, PENDING_STATES, EntityState, entities
 from enrichment_assets.factstore.types import JSONDocument, UTCDateTime
 
 
@@ -52,6 +52,46 @@ def lease(
         )
     )
     return [Claim(*row) for row in conn.execute(stmt)]
+
+
+def _scope(entity_type: str, window: tuple[datetime, datetime] | None, now: datetime) -> list[sa.ColumnElement[bool]]:
+    """The type, the window of ``first_seen_at`` if any, and not leased to anyone (or lease expired)."""
+    scope = [entities.c.entity_type == entity_type,
+             sa.or_(entities.c.claim_owner.is_(None), entities.c.claim_expires_at <= now)]
+    if window is not None:
+        scope += [entities.c.first_seen_at >= window[0], entities.c.first_seen_at < window[1]]
+    return scope
+
+
+def lease_due(conn: sa.Connection, entity_type: str, window: tuple[datetime, datetime] | None, *, now: datetime,
+              limit: int, owner: str, expires: datetime, refresh_before: datetime | None) -> list[Claim]:
+    """Due candidates, oldest due first; then, up to ``limit``, enriched ones last enriched before
+    ``refresh_before``."""
+    scope = _scope(entity_type, window, now)
+    claims = lease(conn, entity_type, [*scope, entities.c.state.in_(CLAIMABLE_STATES), entities.c.next_attempt_at <= now],
+                   order_by=entities.c.next_attempt_at, limit=limit, owner=owner, expires=expires)
+    if refresh_before is not None and len(claims) < limit:
+        stale = [
+            entities.c.state == EntityState.FULLY_ENRICHED.value,
+            entities.c.last_enriched_at < refresh_before,
+            sa.or_(entities.c.next_attempt_at.is_(None), entities.c.next_attempt_at <= now),
+        ]
+        claims += lease(conn, entity_type, [*scope, *stale], order_by=entities.c.last_enriched_at,
+                        limit=limit - len(claims), owner=owner, expires=expires)
+    return claims
+
+
+def lease_window(conn: sa.Connection, entity_type: str, window: tuple[datetime, datetime] | None, *, now: datetime,
+                 limit: int, owner: str, expires: datetime) -> list[Claim]:
+    """Every entity of the window whatever its state or schedule, except tombstones already processed;
+    quarantined ones start their attempts afresh."""
+    unprocessed_tombstone = sa.and_(entities.c.state == EntityState.DELETED.value, entities.c.next_attempt_at.is_not(None))
+    return lease(
+        conn, entity_type,
+        [*_scope(entity_type, window, now), sa.or_(entities.c.state != EntityState.DELETED.value, unprocessed_tombstone)],
+        order_by=entities.c.entity_id, limit=limit, owner=owner, expires=expires,
+        attempts=sa.case((entities.c.state == EntityState.QUARANTINED.value, 1), else_=entities.c.attempts + 1),
+    )
 
 
 def prefetchable(

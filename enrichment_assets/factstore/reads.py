@@ -1,4 +1,5 @@
-"""Statements of the read paths: an entity, its derived edges, and the read API's one-trip edge lookup.
+"""Statements of the read paths: an entity, its derived edges, edge counts, and the read API's one-trip
+edge lookup.
 
 The edge lookup is the pattern's payoff (a multi-hop answer read as one indexed lookup), so its four
 shapes (edges out of or into the entity, one relation or all) are built once at import and a request
@@ -20,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import psycopg2
 
 from enrichment_assets.factstore.models import EdgeLookup, EntityRecord
-from enrichment_assets.factstore.schema import edges, entities
+from enrichment_assets.factstore.schema import EntityState, edges, entities
 
 EDGE_FIELDS = ("relation", "src_type", "src_id", "dst_type", "dst_id", "kind", "confidence", "policy", "path",
                "asserted_at", "confirmed_at")
@@ -56,6 +57,26 @@ def edge_total_stmt(entity_type: str, entity_id: str, relation: str | None, dire
     if relation is not None:
         where.append(edges.c.relation == relation)
     return sa.select(sa.func.count()).where(*where)
+
+
+def edge_counts(conn: sa.Connection) -> dict[tuple[str, str, str], int]:
+    stmt = (sa.select(edges.c.src_type, edges.c.relation, edges.c.dst_type, sa.func.count())
+            .where(edges.c.retracted_at.is_(None)).group_by(edges.c.src_type, edges.c.relation, edges.c.dst_type))
+    return {(src, relation, dst): count for src, relation, dst, count in conn.execute(stmt)}
+
+
+def edge_sources(conn: sa.Connection, entity_type: str, relation: str, *, limit: int) -> list[str]:
+    return list(conn.scalars(
+        sa.select(edges.c.src_id).distinct()
+        .where(edges.c.src_type == entity_type, edges.c.relation == relation, edges.c.retracted_at.is_(None))
+        .order_by(edges.c.src_id).limit(limit)
+    ))
+
+
+def enrichment_lags(conn: sa.Connection) -> list[float]:
+    rows = conn.execute(sa.select(entities.c.first_seen_at, entities.c.last_enriched_at)
+                        .where(entities.c.state == EntityState.FULLY_ENRICHED.value))
+    return sorted((enriched - seen).total_seconds() for seen, enriched in rows)
 
 
 def _edge_lookup_stmt(direction: str, by_relation: bool) -> sa.Select[Any]:

@@ -7,18 +7,21 @@ here and nowhere else.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
 
 from enrichment_assets.events import Event
-from enrichment_assets.factstore import arrays, graph, ingest, migrations, outbox, queue, reads
+from enrichment_assets.factstore import arrays, discovery, graph, ingest, migrations, outbox, queue, reads
+from enrichment_assets.factstore.discovery import Granularity
 from enrichment_assets.factstore.engine import create_engine, create_read_engine
 from enrichment_assets.factstore.models import (
     Claim,
@@ -35,19 +38,15 @@ from enrichment_assets.factstore.models import (
     Staleness,
     TypeStatus,
 )
-from enrichment_assets.factstore.types import UTCDateTime
-from enrichment_assets.factstore.schema import CLAIMABLE_STATES, PENDING_STATES, EntityState, edges, entities
+from enrichment_assets.factstore.schema import EntityState, entities
 
-Granularity = Literal["hour", "day"]
-_WINDOW_LENGTH: dict[str, timedelta] = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
-_SQLITE_TRUNC = {"hour": "%Y-%m-%d %H:00:00", "day": "%Y-%m-%d 00:00:00"}
-# Keeps IN lists well inside every driver's parameter limits.
-_KEY_CHUNK = 500
+# PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back whole.
+_RETRYABLE = frozenset({"40P01", "40001"})
+_WRITE_ATTEMPTS = 4
+_T = TypeVar("_T")
+log = logging.getLogger(__name__)
 
 
-# Any constant distinct from the migrations' key; the same in every process that drains this database.
-_OUTBOX_LOCK_KEY = 0x656E7269636802
-_SQLITE_DRAIN_LOCK = threading.Lock()
 
 
 def utcnow() -> datetime:
@@ -101,6 +100,26 @@ class FactStore:
         if self._read_engine is not None:
             self._read_engine.dispose()
 
+    def _write(self, work: Callable[[sa.Connection], _T]) -> _T:
+        """Run ``work(conn)`` in one transaction, again from the start if PostgreSQL aborted it as a
+        deadlock or serialization failure (its work rolled back whole, so a retry is safe).
+
+        Writers lock shared rows in key order, but a plan may not follow its input's order (an
+        ``UPDATE ... FROM unnest(...)`` hash join, say), and several runs settle overlapping hop
+        entities at once; the server then breaks the cycle by aborting one transaction, which retries.
+        """
+        for attempt in range(1, _WRITE_ATTEMPTS + 1):
+            try:
+                with self.engine.begin() as conn:
+                    return work(conn)
+            except sa.exc.OperationalError as error:
+                if attempt == _WRITE_ATTEMPTS or getattr(error.orig, "pgcode", None) not in _RETRYABLE:
+                    raise
+                log.warning("fact store transaction aborted (%s), attempt %d of %d; retrying",
+                            type(error.orig).__name__, attempt, _WRITE_ATTEMPTS)
+                time.sleep(self._rng.uniform(0.05, 0.2) * attempt)
+        raise AssertionError("unreachable")
+
     # -- ingestion ----------------------------------------------------------------------------------
 
     def ingest_events(self, batch: Iterable[Event]) -> IngestResult:
@@ -120,15 +139,18 @@ class FactStore:
         if not latest:
             return IngestResult(received=0, entities=0, by_event_type={})
         now = self._clock()
-        with self.engine.begin() as conn:
+        # In key order, so concurrent batches (and settling runs) lock shared rows in the same order.
+        rows = [latest[key] for key in sorted(latest)]
+
+        def upsert(conn: sa.Connection) -> None:
             if self.dialect == "postgresql":
                 # One statement for the whole batch, its columns sent as arrays: psycopg2 would run
                 # an executemany upsert row by row (SQLAlchemy does not page ON CONFLICT inserts).
                 conn.execute(ingest.POSTGRES_UPSERT, {
-                    "types": [e.entity_type for e in latest.values()],
-                    "ids": [e.entity_id for e in latest.values()],
-                    "states": [ingest.state_for(e.event_type) for e in latest.values()],
-                    "event_times": [e.occurred_at for e in latest.values()],
+                    "types": [e.entity_type for e in rows],
+                    "ids": [e.entity_id for e in rows],
+                    "states": [ingest.state_for(e.event_type) for e in rows],
+                    "event_times": [e.occurred_at for e in rows],
                     "now": now,
                 })
             else:
@@ -136,8 +158,10 @@ class FactStore:
                     {"entity_type": e.entity_type, "entity_id": e.entity_id, "state": ingest.state_for(e.event_type),
                      "version": 1, "first_seen_at": now, "updated_at": now, "last_event_at": e.occurred_at,
                      "attempts": 0, "next_attempt_at": now}
-                    for e in latest.values()
+                    for e in rows
                 ])
+
+        self._write(upsert)
         return IngestResult(
             received=len(events),
             entities=len(latest),
@@ -174,58 +198,11 @@ class FactStore:
         if limit <= 0:
             return []
         now = self._clock()
-        scope = [entities.c.entity_type == entity_type]
-        if window is not None:
-            scope += [entities.c.first_seen_at >= window[0], entities.c.first_seen_at < window[1]]
-        free = sa.or_(entities.c.claim_owner.is_(None), entities.c.claim_expires_at <= now)
         if force:
-            return self._claim_all(scope, entity_type, limit=limit, owner=owner, expires=now + lease, free=free)
-        with self.engine.begin() as conn:
-            claims = queue.lease(
-                conn,
-                entity_type,
-                [*scope, entities.c.state.in_(CLAIMABLE_STATES), entities.c.next_attempt_at <= now, free],
-                order_by=entities.c.next_attempt_at,
-                limit=limit,
-                owner=owner,
-                expires=now + lease,
-            )
-            if refresh_before is not None and len(claims) < limit:
-                claims += queue.lease(
-                    conn,
-                    entity_type,
-                    [
-                        *scope,
-                        entities.c.state == EntityState.FULLY_ENRICHED.value,
-                        entities.c.last_enriched_at < refresh_before,
-                        sa.or_(entities.c.next_attempt_at.is_(None), entities.c.next_attempt_at <= now),
-                        free,
-                    ],
-                    order_by=entities.c.last_enriched_at,
-                    limit=limit - len(claims),
-                    owner=owner,
-                    expires=now + lease,
-                )
-        return claims
-
-    def _claim_all(self, scope: list[sa.ColumnElement[bool]], entity_type: str, *, limit: int, owner: str,
-                   expires: datetime, free: sa.ColumnElement[bool]) -> list[Claim]:
-        unprocessed_tombstone = sa.and_(
-            entities.c.state == EntityState.DELETED.value, entities.c.next_attempt_at.is_not(None)
-        )
-        with self.engine.begin() as conn:
-            return queue.lease(
-                conn,
-                entity_type,
-                [*scope, sa.or_(entities.c.state != EntityState.DELETED.value, unprocessed_tombstone), free],
-                order_by=entities.c.entity_id,
-                limit=limit,
-                owner=owner,
-                expires=expires,
-                attempts=sa.case(
-                    (entities.c.state == EntityState.QUARANTINED.value, 1), else_=entities.c.attempts + 1
-                ),
-            )
+            return self._write(lambda conn: queue.lease_window(conn, entity_type, window, now=now, limit=limit,
+                                                               owner=owner, expires=now + lease))
+        return self._write(lambda conn: queue.lease_due(conn, entity_type, window, now=now, limit=limit, owner=owner,
+                                                        expires=now + lease, refresh_before=refresh_before))
 
     def finish(self, owner: str, outcomes: Sequence[Outcome], retry: RetryPolicy) -> FinishResult:
         """Record the outcomes of claimed entities, their derived edges and what partial ones wait on,
@@ -239,38 +216,41 @@ class FactStore:
         if not outcomes:
             return FinishResult()
         now = self._clock()
+        return self._write(lambda conn: self._finish(conn, owner, outcomes, retry, now))
+
+    def _finish(self, conn: sa.Connection, owner: str, outcomes: Sequence[Outcome], retry: RetryPolicy,
+                now: datetime) -> FinishResult:
         counts: Counter[str] = Counter()
         walks: dict[EntityKey, tuple[Sequence[DerivedEdge], bool]] = {}
         waiting: dict[EntityKey, Sequence[EntityKey]] = {}
         tombstones: list[EntityKey] = []
         changed_attributes: list[EntityKey] = []
-        with self.engine.begin() as conn:
-            held = queue.held(conn, owner, [o.key for o in outcomes])
-            before = graph.stored_attributes(conn, [o.key for o in outcomes if o.attributes is not None])
-            rows = []
-            for outcome in outcomes:
-                if outcome.key not in held:
-                    continue
-                version, attempts, state = held[outcome.key]
-                row = queue.outcome_row(outcome, attempts, state, retry, now, self._rng)
-                rows.append(row)
-                if before.get(outcome.key) not in (None, outcome.attributes):
-                    changed_attributes.append(outcome.key)
-                if version != outcome.version:
-                    counts["superseded"] += 1
-                    continue
-                counts["quarantined" if row["new_state"] == EntityState.QUARANTINED else outcome.status] += 1
-                waiting[outcome.key] = outcome.waiting_on if outcome.status == "partial" else ()
-                if outcome.status in ("enriched", "partial"):
-                    walks[outcome.key] = (outcome.edges, outcome.status == "enriched")
-                elif outcome.status == "deleted":
-                    tombstones.append(outcome.key)
-            queue.apply_outcomes(conn, rows)
-            changes, confirmed = graph.apply_edges(conn, walks, now)
-            changes += graph.retract_touching(conn, tombstones, now)
-            graph.replace_waits(conn, waiting, now)
-            # The roots' documents moved with their own row; the other ends' move here.
-            graph.touch_documents(conn, [end for c in changes for end in c.ends if end not in held])
+        held = queue.held(conn, owner, [o.key for o in outcomes])
+        before = graph.stored_attributes(conn, [o.key for o in outcomes if o.attributes is not None])
+        rows = []
+        for outcome in outcomes:
+            if outcome.key not in held:
+                continue
+            version, attempts, state = held[outcome.key]
+            row = queue.outcome_row(outcome, attempts, state, retry, now, self._rng)
+            rows.append(row)
+            if before.get(outcome.key) not in (None, outcome.attributes):
+                changed_attributes.append(outcome.key)
+            if version != outcome.version:
+                counts["superseded"] += 1
+                continue
+            counts["quarantined" if row["new_state"] == EntityState.QUARANTINED else outcome.status] += 1
+            waiting[outcome.key] = outcome.waiting_on if outcome.status == "partial" else ()
+            if outcome.status in ("enriched", "partial"):
+                walks[outcome.key] = (outcome.edges, outcome.status == "enriched")
+            elif outcome.status == "deleted":
+                tombstones.append(outcome.key)
+        queue.apply_outcomes(conn, rows)
+        changes, confirmed = graph.apply_edges(conn, walks, now)
+        changes += graph.retract_touching(conn, tombstones, now)
+        graph.replace_waits(conn, waiting, now)
+        # The roots' documents moved with their own row; the other ends' move here.
+        graph.touch_documents(conn, [end for c in changes for end in c.ends if end not in held])
         return FinishResult(
             enriched=counts["enriched"],
             partial=counts["partial"],
@@ -295,39 +275,22 @@ class FactStore:
         return self._update_held(owner, keys, claim_expires_at=self._clock() + lease)
 
     def _update_held(self, owner: str, keys: Iterable[EntityKey], **values: Any) -> int:
-        updated = 0
-        with self.engine.begin() as conn:
-            for among in arrays.key_filters(conn, (entities.c.entity_type, entities.c.entity_id), list(keys)):
-                updated += conn.execute(
-                    sa.update(entities)
-                    .where(
-                        among,
-                        entities.c.claim_owner == owner,
-                    )
-                    .values(**values)
-                ).rowcount
-        return updated
+        ordered = sorted(set(keys))
+
+        def update(conn: sa.Connection) -> int:
+            among = arrays.key_filters(conn, (entities.c.entity_type, entities.c.entity_id), ordered)
+            return sum(conn.execute(sa.update(entities).where(where, entities.c.claim_owner == owner).values(**values)
+                                    ).rowcount for where in among)
+
+        return self._write(update)
 
     # -- what walks read and write ------------------------------------------------------------------
 
     def fresh_attributes(self, entity_type: str, ids: Iterable[str], ttl: timedelta) -> dict[str, dict[str, Any]]:
         """Attributes still fresh enough to reuse instead of calling the source: hydrated within ``ttl``
         and not changed by an event since."""
-        now = self._clock()
-        found: dict[str, dict[str, Any]] = {}
         with self.engine.connect() as conn:
-            for chunk in _chunks(list(dict.fromkeys(ids)), _KEY_CHUNK):
-                found.update(tuple(row) for row in conn.execute(
-                    sa.select(entities.c.entity_id, entities.c.attributes).where(
-                        entities.c.entity_type == entity_type,
-                        entities.c.entity_id.in_(chunk),
-                        entities.c.attributes.is_not(None),
-                        entities.c.state != EntityState.DELETED.value,
-                        entities.c.hydrated_at >= now - ttl,
-                        entities.c.hydrated_at >= entities.c.updated_at,
-                    )
-                ))
-        return found
+            return graph.fresh_attributes(conn, entity_type, list(dict.fromkeys(ids)), ttl=ttl, now=self._clock())
 
     def prefetchable(self, entity_type: str, *, limit: int, exclude: Sequence[str], ttl: timedelta) -> list[str]:
         """Due, unleased entities of one type worth fetching ahead of their claim: nothing fresh is
@@ -345,10 +308,13 @@ class FactStore:
         """Store what a walk fetched along the way and the 1-hop references it read, in one
         transaction. Returns the already-known entities whose attributes changed."""
         now = self._clock()
-        with self.engine.begin() as conn:
+
+        def record(conn: sa.Connection) -> list[EntityKey]:
             changed = graph.record_hydrations(conn, hydrated, now)
             graph.record_references(conn, references, now)
-        return changed
+            return changed
+
+        return self._write(record)
 
     def referrers(self, field: str, to_type: str, to_ids: Sequence[str]) -> set[EntityKey]:
         """Entities whose live 1-hop reference ``field`` points at one of ``to_ids``."""
@@ -358,13 +324,12 @@ class FactStore:
     def mark_dirty(self, keys: Iterable[EntityKey]) -> int:
         """Make settled (enriched or partial) entities due now, with a new version: something their
         derived edges were walked through has changed."""
-        with self.engine.begin() as conn:
-            return graph.mark_dirty(conn, sorted(set(keys)), self._clock())
+        ordered = sorted(set(keys))
+        return self._write(lambda conn: graph.mark_dirty(conn, ordered, self._clock()))
 
     def wake_waiters(self) -> int:
         """Make partially resolved entities due now when something they wait on has arrived."""
-        with self.engine.begin() as conn:
-            return graph.wake_waiters(conn, self._clock())
+        return self._write(lambda conn: graph.wake_waiters(conn, self._clock()))
 
     def edges_of(self, entity_type: str, entity_id: str, *, relation: str | None = None,
                  include_retracted: bool = False, direction: Literal["out", "in"] = "out",
@@ -432,64 +397,25 @@ class FactStore:
     def edge_counts(self) -> dict[tuple[str, str, str], int]:
         """Live derived edges per (source type, relation, target type)."""
         with self.engine.connect() as conn:
-            return {
-                (src, relation, dst): count
-                for src, relation, dst, count in conn.execute(
-                    sa.select(edges.c.src_type, edges.c.relation, edges.c.dst_type, sa.func.count())
-                    .where(edges.c.retracted_at.is_(None))
-                    .group_by(edges.c.src_type, edges.c.relation, edges.c.dst_type)
-                )
-            }
+            return reads.edge_counts(conn)
 
     def edge_sources(self, entity_type: str, relation: str, *, limit: int = 1) -> list[str]:
         """Ids of entities of ``entity_type`` with a live ``relation`` edge (examples for people)."""
         with self.engine.connect() as conn:
-            return list(conn.scalars(
-                sa.select(edges.c.src_id).distinct()
-                .where(edges.c.src_type == entity_type, edges.c.relation == relation, edges.c.retracted_at.is_(None))
-                .order_by(edges.c.src_id).limit(limit)
-            ))
+            return reads.edge_sources(conn, entity_type, relation, limit=limit)
 
     def enrichment_lags(self) -> list[float]:
         """Seconds from first seen to last enriched, for every enriched entity, ascending."""
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(entities.c.first_seen_at, entities.c.last_enriched_at)
-                .where(entities.c.state == EntityState.FULLY_ENRICHED.value)
-            )
-            return sorted((enriched - seen).total_seconds() for seen, enriched in rows)
+            return reads.enrichment_lags(conn)
 
     # -- the search outbox ---------------------------------------------------------------------------
 
-    @contextmanager
-    def draining_outbox(self, *, wait: bool = True) -> Iterator[bool]:
-        """Hold the search outbox's drain lock: one drain at a time across every process. Yields
-        whether the lock is held: with ``wait=False`` it is not taken when another drain holds it.
-
-        Concurrent drains read the same head of the outbox and write the same documents, so all but
-        one write per document is refused as superseded: pure waste. PostgreSQL: a session advisory
-        lock on a connection held for the drain (released by the server if the process dies). SQLite
-        serializes writers by itself and is single-machine, so there the lock is per process.
-        """
-        if self.dialect != "postgresql":
-            if not _SQLITE_DRAIN_LOCK.acquire(blocking=wait):
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                _SQLITE_DRAIN_LOCK.release()
-            return
-        with self.engine.connect() as conn:
-            take = sa.func.pg_advisory_lock if wait else sa.func.pg_try_advisory_lock
-            held = conn.execute(sa.select(take(_OUTBOX_LOCK_KEY))).scalar() is not False
-            conn.commit()
-            try:
-                yield held
-            finally:
-                if held:
-                    conn.execute(sa.select(sa.func.pg_advisory_unlock(_OUTBOX_LOCK_KEY)))
-                    conn.commit()
+    def draining_outbox(self, *, wait: bool = True) -> AbstractContextManager[bool]:
+        """Hold the search outbox's drain lock (``outbox.drain_lock``): one drain at a time across
+        every process. The context yields whether it is held; with ``wait=False`` it is not taken when
+        another drain holds it."""
+        return outbox.drain_lock(self.engine, wait=wait)
 
     def index_backlog(self, *, limit: int) -> list[EntityKey]:
         """Entities whose search document is behind the fact store."""
@@ -502,12 +428,12 @@ class FactStore:
             return outbox.document_sources(conn, keys, cap=cap)
 
     def mark_indexed(self, written: Sequence[tuple[EntityKey, int]]) -> None:
-        with self.engine.begin() as conn:
-            outbox.mark_indexed(conn, written)
+        ordered = sorted(written)
+        self._write(lambda conn: outbox.mark_indexed(conn, ordered))
 
     def requeue_for_index(self, keys: Sequence[EntityKey]) -> None:
-        with self.engine.begin() as conn:
-            outbox.requeue(conn, keys)
+        ordered = sorted(set(keys))
+        self._write(lambda conn: outbox.requeue(conn, ordered))
 
     def index_behind(self, keys: Sequence[EntityKey]) -> set[EntityKey]:
         """Which of ``keys`` are still waiting in the search outbox."""
@@ -536,99 +462,27 @@ class FactStore:
         Scans the partial index of scheduled rows (plus the enriched-by-age index for refresh) and the
         rows it points to, so its cost follows the amount of due work rather than the size of the table.
         """
-        now = self._clock()
-        window = self._window_expr(granularity)
-        free = sa.or_(entities.c.claim_owner.is_(None), entities.c.claim_expires_at <= now)
-        conditions = [
-            sa.and_(entities.c.state.in_(PENDING_STATES), entities.c.next_attempt_at <= now, free)
-        ]
-        for etype, interval in (refresh_intervals or {}).items():
-            conditions.append(
-                sa.and_(
-                    entities.c.entity_type == etype,
-                    entities.c.state == EntityState.FULLY_ENRICHED.value,
-                    entities.c.last_enriched_at < now - interval,
-                    sa.or_(entities.c.next_attempt_at.is_(None), entities.c.next_attempt_at <= now),
-                    free,
-                )
-            )
-        due_at = sa.func.coalesce(entities.c.next_attempt_at, entities.c.last_enriched_at)
-        totals: Counter[tuple[str, datetime]] = Counter()
-        oldest: dict[tuple[str, datetime], datetime] = {}
         with self.engine.connect() as conn:
-            for condition in conditions:
-                stmt = (
-                    sa.select(entities.c.entity_type, window, sa.func.count(), sa.func.min(due_at))
-                    .where(condition)
-                    .group_by(entities.c.entity_type, window)
-                )
-                for etype, start, count, first_due in conn.execute(stmt):
-                    start = _as_utc(start)
-                    key = (etype, start)
-                    totals[key] += count
-                    first_due = _as_utc(first_due)
-                    oldest[key] = min(oldest.get(key, first_due), first_due)
-        length = _WINDOW_LENGTH[granularity]
-        return [
-            DueWork(etype, start, start + length, totals[(etype, start)], oldest[(etype, start)])
-            for etype, start in sorted(totals, key=lambda k: (k[1], k[0]))
-        ]
-
-    def _window_expr(self, granularity: Granularity) -> sa.ColumnElement[Any]:
-        if granularity not in _WINDOW_LENGTH:
-            raise ValueError(f"granularity must be one of {sorted(_WINDOW_LENGTH)}, not {granularity!r}")
-        if self.dialect == "postgresql":
-            utc_wall = sa.func.timezone("UTC", entities.c.first_seen_at)
-            return sa.func.date_trunc(granularity, utc_wall).label("window_start")
-        return sa.func.strftime(_SQLITE_TRUNC[granularity], entities.c.first_seen_at).label("window_start")
+            return discovery.due_work(conn, self._clock(), granularity=granularity,
+                                      refresh_intervals=refresh_intervals or {})
 
     def ages(self, entity_type: str, window: tuple[datetime, datetime] | None = None) -> list[float]:
         """Staleness in seconds of every live entity of a type (optionally first seen in ``window``),
         ascending: time since last enriched, or since first seen for one never enriched yet."""
-        now = self._clock()
-        stmt = sa.select(entities.c.first_seen_at, entities.c.last_enriched_at).where(*self._live(entity_type, window))
         with self.engine.connect() as conn:
-            return sorted(
-                max((now - _as_utc(enriched or seen)).total_seconds(), 0.0) for seen, enriched in conn.execute(stmt)
-            )
+            return discovery.ages(conn, self._clock(), entity_type, window)
 
     def staleness(self, entity_type: str, window: tuple[datetime, datetime] | None = None, *,
                   budget: timedelta | None = None) -> Staleness:
         """p50/p95/max staleness (see ``ages``) of a type's live entities, and how many exceed ``budget``.
         On PostgreSQL the percentiles are computed in the database, so a million entities stay there."""
-        if self.dialect != "postgresql":
-            return Staleness.of(self.ages(entity_type, window), budget)
-        now = self._clock()
-        age = sa.func.extract("epoch", sa.literal(now, UTCDateTime) - sa.func.coalesce(
-            entities.c.last_enriched_at, entities.c.first_seen_at))
-        over = sa.func.count().filter(age > budget.total_seconds()) if budget is not None else sa.literal(0)
-        stmt = sa.select(
-            sa.func.count(),
-            sa.func.percentile_disc(0.5).within_group(age),
-            sa.func.percentile_disc(0.95).within_group(age),
-            sa.func.max(age),
-            over,
-        ).where(*self._live(entity_type, window))
         with self.engine.connect() as conn:
-            count, p50, p95, oldest, exceeding = conn.execute(stmt).one()
-        return Staleness(count, *(max(float(v or 0), 0.0) for v in (p50, p95, oldest)), int(exceeding or 0))
-
-    def _live(self, entity_type: str, window: tuple[datetime, datetime] | None) -> list[sa.ColumnElement[bool]]:
-        where = [entities.c.entity_type == entity_type, entities.c.state != EntityState.DELETED.value]
-        if window is not None:
-            where += [entities.c.first_seen_at >= window[0], entities.c.first_seen_at < window[1]]
-        return where
+            return discovery.staleness(conn, self._clock(), entity_type, window, budget=budget)
 
     def quarantined(self, entity_type: str, *, limit: int = 10) -> tuple[int, list[tuple[str, str | None]]]:
         """How many entities of a type are quarantined, and the first ``limit`` of them with their error."""
-        where = [entities.c.entity_type == entity_type, entities.c.state == EntityState.QUARANTINED.value]
         with self.engine.connect() as conn:
-            count = conn.execute(sa.select(sa.func.count()).where(*where)).scalar_one()
-            sample = conn.execute(
-                sa.select(entities.c.entity_id, entities.c.last_error).where(*where)
-                .order_by(entities.c.entity_id).limit(limit)
-            ).all()
-        return count, [(entity_id, error) for entity_id, error in sample]
+            return discovery.quarantined(conn, entity_type, limit=limit)
 
     def get_entity(self, entity_type: str, entity_id: str) -> EntityRecord | None:
         with self.engine.connect() as conn:
@@ -638,36 +492,7 @@ class FactStore:
     def status(self) -> list[TypeStatus]:
         """Entity counts by type and state, with the longest-waiting pending entity of each type."""
         with self.engine.connect() as conn:
-            counts: dict[str, dict[str, int]] = {}
-            for etype, state, count in conn.execute(
-                sa.select(entities.c.entity_type, entities.c.state, sa.func.count()).group_by(
-                    entities.c.entity_type, entities.c.state
-                )
-            ):
-                counts.setdefault(etype, {})[state] = count
-            report = []
-            for etype in sorted(counts):
-                oldest = conn.execute(
-                    sa.select(entities.c.entity_id, entities.c.first_seen_at)
-                    .where(entities.c.entity_type == etype, entities.c.state.in_(PENDING_STATES))
-                    .order_by(entities.c.first_seen_at)
-                    .limit(1)
-                ).first()
-                report.append(
-                    TypeStatus(etype, counts[etype], oldest[0] if oldest else None, oldest[1] if oldest else None)
-                )
-        return report
+            return discovery.status(conn)
 
     def now(self) -> datetime:
         return self._clock()
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _as_utc(value: datetime | str) -> datetime:
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
