@@ -2,9 +2,14 @@
 
 ``LocalDagster`` is what ``make demo``, the Dagster end-to-end tests and ``bench/staleness.py`` use. It
 writes ``$DAGSTER_HOME/dagster.yaml`` (SQLite storage there unless PostgreSQL settings are given, one
-hydration step per source pool, telemetry off), starts ``dagster-webserver`` and ``dagster-daemon`` in
-their own process group with default signal handling (a shell's ignored SIGINT is not inherited), and
-stops the whole group when done.
+hydration step per source pool, telemetry off), starts the code location as a gRPC code server of its
+own, then ``dagster-webserver`` and ``dagster-daemon`` pointed at it, each in its own process group with
+default signal handling (a shell's ignored SIGINT is not inherited), and stops every group when done.
+
+Why a code server of its own: given a ``python_module`` workspace, the daemon starts a code server
+process and replaces it every 60 seconds (Dagster's workspace refresh), each one importing the code
+location again: seconds of CPU a minute on a machine that also runs the ingest API. One long-lived
+server, which the daemon only asks for a fresh snapshot, is also how production deploys code.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -86,7 +92,9 @@ class LocalDagster:
         self.max_concurrent_runs = max_concurrent_runs
         self.postgres_url = postgres_url
         self.workspace = workspace
+        self.code_server_port = free_port()
         self._processes: list[subprocess.Popen[bytes]] = []
+        self._names: list[str] = []
 
     @property
     def url(self) -> str:
@@ -104,23 +112,52 @@ class LocalDagster:
         with dg.DagsterInstance.from_config(str(self.home)):
             pass
         bin_dir = Path(sys.executable).parent
-        commands = {
-            "webserver": [str(bin_dir / "dagster-webserver"), "-w", str(self.workspace), "-h", "127.0.0.1",
-                          "-p", str(self.port)],
-            "daemon": [str(bin_dir / "dagster-daemon"), "run", "-w", str(self.workspace)],
-        }
-        for name, command in commands.items():
-            log = (self.home / f"{name}.log").open("ab")
-            self._processes.append(subprocess.Popen(
-                command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=partial(die_with_parent, os.getpid()),
-            ))
+        self._spawn("code-server", [str(bin_dir / "dagster"), "api", "grpc", *self._code_location_args(),
+                                    "--host", "127.0.0.1", "--port", str(self.code_server_port)])
         try:
+            self._wait_code_server(timeout=timeout)
+            workspace = self.home / "workspace.yaml"
+            workspace.write_text(yaml.safe_dump({"load_from": [{"grpc_server": {
+                "host": "127.0.0.1", "port": self.code_server_port, "location_name": LOCATION}}]}))
+            self._spawn("webserver", [str(bin_dir / "dagster-webserver"), "-w", str(workspace), "-h", "127.0.0.1",
+                                      "-p", str(self.port)])
+            self._spawn("daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)])
             self.wait_loaded(timeout=timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _code_location_args(self) -> list[str]:
+        """The workspace file's one ``python_module`` entry, as ``dagster api grpc`` arguments."""
+        [entry] = yaml.safe_load(self.workspace.read_text())["load_from"]
+        module = entry["python_module"]
+        return ["--module-name", module["module_name"], "--location-name", module.get("location_name", LOCATION)]
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        log = (self.home / f"{name}.log").open("ab")
+        self._processes.append(subprocess.Popen(
+            command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=partial(die_with_parent, os.getpid()),
+        ))
+        self._names.append(name)
+
+    def _wait_code_server(self, *, timeout: float) -> None:
+        """Until the code server accepts connections: it listens once the code location is imported."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_running()
+            try:
+                socket.create_connection(("127.0.0.1", self.code_server_port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.25)
+        raise TimeoutError(f"the code server did not start within {timeout:.0f}s; see {self.home / 'code-server.log'}")
+
+    def _check_running(self) -> None:
+        for process, name in zip(self._processes, self._names, strict=True):
+            if process.poll() is not None:
+                raise RuntimeError(f"dagster {name} exited ({process.returncode}); see {self.home / (name + '.log')}")
 
     def wait_loaded(self, *, timeout: float) -> None:
         """Until the webserver answers and the code location is loaded (not an error)."""
@@ -129,9 +166,7 @@ class LocalDagster:
         query += "locationOrLoadError { __typename ... on PythonError { message } } } } } }"
         last = "not answering"
         while time.monotonic() < deadline:
-            for process, name in zip(self._processes, ("webserver", "daemon"), strict=True):
-                if process.poll() is not None:
-                    raise RuntimeError(f"dagster {name} exited ({process.returncode}); see {self.home / (name + '.log')}")
+            self._check_running()
             try:
                 entries = self.graphql(query)["workspaceOrError"]["locationEntries"]
                 entry = next(e for e in entries if e["name"] == LOCATION)
@@ -170,7 +205,7 @@ class LocalDagster:
                 process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        self._processes = []
+        self._processes, self._names = [], []
 
     def __enter__(self) -> LocalDagster:
         return self.start()

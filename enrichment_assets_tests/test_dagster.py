@@ -80,8 +80,8 @@ def test_local_instance_config_loads_with_threaded_dequeue(tmp_path: Path) -> No
 
 
 def test_local_dagster_processes_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
-    """A demo or benchmark killed with SIGKILL cannot stop what it started; webserver and daemon run in
-    their own sessions (out of reach of its process group), so the kernel tells them instead."""
+    """A demo or benchmark killed with SIGKILL cannot stop what it started; code server, webserver and
+    daemon run in their own sessions (out of reach of its process group), so the kernel tells them instead."""
     script = f"""
 import sys, time
 from pathlib import Path
@@ -94,7 +94,7 @@ time.sleep(600)
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(pid) for pid in parent.stdout.readline().split()]  # type: ignore[union-attr]
-        assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+        assert len(pids) == 3 and all(_alive(pid) for pid in pids)
     finally:
         parent.kill()
         parent.wait()
@@ -104,7 +104,7 @@ time.sleep(600)
     leftovers = [pid for pid in pids if _alive(pid)]
     for pid in leftovers:
         os.kill(pid, 9)
-    assert not leftovers, "webserver and daemon outlived the process that started them"
+    assert not leftovers, "code server, webserver or daemon outlived the process that started them"
 
 
 def _alive(pid: int) -> bool:
