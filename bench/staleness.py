@@ -231,6 +231,7 @@ DAGSTER = "Dagster (daemon, webserver, code servers, run workers)"
 # (run workers' included) moves to them, and a finer split could show negative deltas.
 CPU_ROLES = (
     ("dagster-daemon", DAGSTER), ("dagster-webserver", DAGSTER), ("-m dagster api", DAGSTER),
+    ("bin/dagster api", DAGSTER),
     ("noida-db", "search server (noida-db)"),
     (" serve --host", "API server (enrichment serve)"),
     ("enrichment_assets.simulator", "source simulator"),
@@ -394,7 +395,7 @@ query Runs($after: Float!) {
         assetKey { path }
         metadataEntries { label ... on IntMetadataEntry { intValue } }
       }
-      ... on ExecutionStepFailureEvent { stepKey error { message } }
+      ... on ExecutionStepFailureEvent { stepKey error { message errorChain { error { message } } } }
       ... on RunFailureEvent { message }
     } }
   } } }
@@ -444,9 +445,12 @@ class Run:
 
 
 def _failure(event: Mapping[str, Any]) -> str:
-    """One line for a step failure (its step and the error's first line) or a run failure."""
+    """One line for a step failure (its step and the first line of the innermost error, which is the
+    cause: Dagster wraps it in "Error occurred while executing op") or a run failure."""
     if "error" in event:
-        lines = ((event["error"] or {}).get("message") or "").strip().splitlines() or ["(no message)"]
+        error = event["error"] or {}
+        innermost = ([link["error"] for link in error.get("errorChain") or []] or [error])[-1]
+        lines = (innermost.get("message") or "").strip().splitlines() or ["(no message)"]
         return f"{event.get('stepKey')}: {lines[0][:200]}"
     return str(event["message"])[:200]
 
