@@ -21,9 +21,11 @@ not delay the next send); an event's ingest latency runs from its send to the 20
 2. Dagster starts and enriches that backlog (untimed warm-up; how long it took is printed).
 3. Enrichment running: the next ``--minutes`` of the stream. For each model instance in it, staleness
    runs from its POST to the moment its search document (behind the index alias) carries every derived
-   edge the simulator's graph implies for it. A separate process fetches the documents of all waiting
-   instances every 0.5 s (``mget`` in pages of 1,000, so a figure is an upper bound within one poll
-   plus the fetch). ``mget`` reads a document as soon as it is written; a ``_search`` sees it after the
+   edge the simulator's graph implies for it. A separate process, every 0.5 s, asks the fact store
+   which waiting instances are enriched with their document written (the outbox's acknowledgement),
+   and fetches those documents (``mget`` in pages of 1,000), so a figure is an upper bound within one
+   poll plus the fetch; fetching every waiting document every poll had made the watcher most of the
+   search server's load. ``mget`` reads a document as soon as it is written; a ``_search`` sees it after the
    index's next refresh (``refresh_interval`` 1 s), which is not included. The emulator answers any
    ``_search`` in over a second at this size, so polling with one would load the server measured.
    Instances not searchable ``--give-up-seconds`` after the last POST are counted as such.
@@ -67,6 +69,7 @@ from typing import Any
 
 import httpx
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 
 from enrichment_assets.factstore import FactStore
@@ -286,12 +289,21 @@ def cpu_snapshot(postgres_port: int | None) -> dict[str, float]:
 # -- the search watcher, in its own process ---------------------------------------------------------
 
 
-def _watch(es_url: str, alias: str, inbox: mp.Queue, outbox: mp.Queue, stop: Any) -> None:
-    """Fetch the documents of waiting model instances every ``POLL_SECONDS``; report (id, epoch seconds)
-    once one carries every expected derived edge. Runs in a child process so that its polling shares
-    no GIL with the sender."""
+def _watch(es_url: str, alias: str, facts_url: str, inbox: mp.Queue, outbox: mp.Queue, stop: Any) -> None:
+    """Every ``POLL_SECONDS``, fetch the documents of the waiting model instances that the fact store
+    says are indexed as enriched; report (id, epoch seconds) once one carries every expected derived
+    edge. Runs in a child process so that its polling shares no GIL with the sender.
+
+    Asking the store first keeps the watcher's load on the search server to the documents that may
+    have become complete since the last poll, instead of every waiting one every poll (with a backlog of
+    a few thousand, that was most of the search server's work, and it grew with the staleness it
+    measured). A document cannot carry its derived edges before its entity is enriched and the outbox
+    has written it; the acknowledgement follows the bulk write within milliseconds, and a document whose
+    entity changed again since waits for its next write, so the figures can only err late.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops this process
     index = SearchIndex.from_url(es_url, alias=alias)
+    store = sa.create_engine(make_url(facts_url).set(drivername="postgresql+psycopg2"))
     waiting: dict[str, set[Edge]] = {}
     polls, poll_seconds = 0, 0.0
     incomplete: dict[str, list[Edge]] = {}
@@ -303,7 +315,7 @@ def _watch(es_url: str, alias: str, inbox: mp.Queue, outbox: mp.Queue, stop: Any
             except queue.Empty:
                 break
             waiting[entity_id] = {tuple(e) for e in expected}  # type: ignore[misc]
-        ids = list(waiting)
+        ids = _indexed_as_enriched(store, list(waiting)) if waiting else []
         for start in range(0, len(ids), POLL_CHUNK):
             began = time.perf_counter()
             # mget, not _search: the emulator answers any _search in over a second at this index size
@@ -330,18 +342,31 @@ def _watch(es_url: str, alias: str, inbox: mp.Queue, outbox: mp.Queue, stop: Any
         stop.wait(max(POLL_SECONDS - (time.monotonic() - tick), 0.0))
     outbox.put(("stats", {"polls": polls, "poll_seconds": poll_seconds, "incomplete": incomplete}))
     index.close()
+    store.dispose()
+
+
+def _indexed_as_enriched(store: sa.Engine, ids: list[str]) -> list[str]:
+    """The model instances among ``ids`` that are enriched and whose document the outbox has written."""
+    stmt = sa.select(entities.c.entity_id).where(
+        entities.c.entity_type == ROOT_TYPE,
+        entities.c.entity_id == sa.any_(sa.cast(sa.bindparam("ids", value=ids), postgresql.ARRAY(sa.Text()))),
+        entities.c.last_enriched_at.is_not(None),
+        entities.c.indexed_version >= entities.c.doc_version,
+    )
+    with store.connect() as conn:
+        return list(conn.scalars(stmt))
 
 
 class Watcher:
-    """``with Watcher(es_url, alias) as w: w.expect(id, edges); w.collect()`` -> searchable times."""
+    """``with Watcher(es_url, alias, facts_url) as w: w.expect(id, edges); w.collect()`` -> searchable times."""
 
-    def __init__(self, es_url: str, alias: str) -> None:
+    def __init__(self, es_url: str, alias: str, facts_url: str) -> None:
         context = mp.get_context("spawn")
         self._inbox: mp.Queue = context.Queue()
         self._outbox: mp.Queue = context.Queue()
         self._stop = context.Event()
         self._process = context.Process(target=_watch, name="staleness-watcher", daemon=True,
-                                        args=(es_url, alias, self._inbox, self._outbox, self._stop))
+                                        args=(es_url, alias, facts_url, self._inbox, self._outbox, self._stop))
         self.visible: dict[str, float] = {}
         self.stats: dict[str, Any] = {}
 
@@ -537,10 +562,10 @@ def derived_edges(graph: MdsGraph, entity_id: str) -> set[Edge]:
 
 
 def measure(url: str, events: Sequence[Mapping[str, Any]], rate: float, graph: MdsGraph, es_url: str,
-            alias: str, give_up: float, cpu: Callable[[], dict[str, float]]) -> tuple[Ingest, Staleness]:
+            alias: str, facts_url: str, give_up: float, cpu: Callable[[], dict[str, float]]) -> tuple[Ingest, Staleness]:
     expected = {e["entity_id"]: derived_edges(graph, e["entity_id"]) for e in events
                 if e["entity_type"] == ROOT_TYPE}
-    with Watcher(es_url, alias) as watcher:
+    with Watcher(es_url, alias, facts_url) as watcher:
         def on_sent(index: int, at: float) -> None:
             event = events[index]
             if event["entity_type"] == ROOT_TYPE and expected[event["entity_id"]]:
@@ -881,7 +906,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             warmup = (f"[red]Warm-up: the idle backlog was not drained in {args.drain_timeout:.0f} s; the "
                       "measured phase started behind it[/red]")
         measured_from = time.time()
-        busy, staleness = measure(api_url, busy_events, args.rate, graph, es_url, alias,
+        busy, staleness = measure(api_url, busy_events, args.rate, graph, es_url, alias, facts_url,
                                   args.give_up_seconds, cpu)
         with console.status("waiting for the runs in flight to finish, then reading Dagster's record"):
             runs = finished_runs(dagster, measured_from - 60)
