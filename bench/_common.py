@@ -91,7 +91,28 @@ def describe_server(engine: sa.Engine) -> str:
             for name in ("fsync", "synchronous_commit", "shared_buffers")
         }
     where = "BENCH_DATABASE_URL" if os.environ.get("BENCH_DATABASE_URL") else "local server, fsync on"
-    return f"PostgreSQL {version} ({where}); " + ", ".join(f"{k}={v}" for k, v in settings.items())
+    return (f"PostgreSQL {version} ({where}); " + ", ".join(f"{k}={v}" for k, v in settings.items())
+            + f"; {cpu_reference()}")
+
+
+def cpu_reference() -> str:
+    """How fast this machine's CPU is right now: the best of three 10M-step pure-Python loops, timed
+    when first asked (at setup, before the measured load). Shared machines drift by 2x from day to
+    day; figures from runs whose reference differs much are not comparable."""
+    global _CPU_REFERENCE
+    if _CPU_REFERENCE is None:
+        best = math.inf
+        for _ in range(3):
+            started = time.perf_counter()
+            total = 0
+            for i in range(10_000_000):
+                total += i
+            best = min(best, time.perf_counter() - started)
+        _CPU_REFERENCE = f"CPU reference: a 10M-step Python loop in {best:.2f} s"
+    return _CPU_REFERENCE
+
+
+_CPU_REFERENCE: str | None = None
 
 
 def percentile(values: Sequence[float], q: float) -> float:
