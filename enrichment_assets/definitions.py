@@ -6,6 +6,7 @@ import dagster as dg
 from enrichment_assets.assets import fact_store_summary
 from enrichment_assets.assets.branch import branch_types, build_branch, search_index_spec, source_specs
 from enrichment_assets.checks import build_checks
+from enrichment_assets.io_manager import RunScopedIOManager
 from enrichment_assets.policy import Policy
 from enrichment_assets.resources import FactStoreResource, SearchResource, SourcesResource
 from enrichment_assets.schedules import build_schedules
@@ -37,7 +38,8 @@ def build_definitions(policy: Policy) -> dg.Definitions:
         jobs=[*jobs, enrichment_job, checks_job],
         sensors=[build_sensor(policy, [enrichment_job])],
         schedules=build_schedules(policy, jobs, checks_job),
-        resources={"fact_store": FactStoreResource(), "sources": SourcesResource(), "search": SearchResource()},
+        resources={"fact_store": FactStoreResource(), "sources": SourcesResource(), "search": SearchResource(),
+                   "io_manager": RunScopedIOManager()},
         executor=dg.in_process_executor,
     )
 

@@ -478,6 +478,49 @@ def test_re_executing_a_failed_run_from_its_failure_settles_the_original_leases(
     assert all(live_store.get_entity("feature", f).state == "fully_enriched" for f in features)
 
 
+def test_two_runs_of_one_partition_settle_their_own_claims(
+    database: str, elasticsearch_url: str, search_index: SearchIndex, sources_env: None, live_store: FactStore,
+    graph: MdsGraph, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sensor starts a run for new work while an earlier run of the same partition is still going:
+    each run's steps must read the frames that run wrote, not the other's."""
+    monkeypatch.setenv("ENRICHMENT_DATABASE_URL", database)
+    monkeypatch.setenv("ELASTICSEARCH_URL", elasticsearch_url)
+    monkeypatch.setenv("ENRICHMENT_INDEX_ALIAS", search_index.alias)
+    events = [Event.model_validate(e) for e in thin_events(graph) if e["entity_type"] == "feature"]
+    early, late = events[: len(events) // 2], events[len(events) // 2 :]
+    incremental = {"dagster/partition": today(), MODE_TAG: INCREMENTAL}
+    live_store.ingest_events(early)
+    # The first run's edges step is held up (the database refuses its edges) ...
+    with live_store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION refuse_early() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.src_id = ANY(%(early)s) THEN RAISE EXCEPTION 'not yet'; END IF; RETURN NEW; END $$",
+            {"early": [e.entity_id for e in early]})
+        conn.exec_driver_sql("CREATE TRIGGER refuse_early BEFORE INSERT ON edges FOR EACH ROW "
+                             "EXECUTE FUNCTION refuse_early()")
+    job = dg.reconstructable(_feature_job)
+    with dg.instance_for_test() as instance:
+        with dg.execute_job(job, instance=instance, tags=incremental) as first:
+            assert not first.success
+        # ... while a second run of the same partition enriches what arrived since, start to finish ...
+        live_store.ingest_events(late)
+        with dg.execute_job(job, instance=instance, tags=incremental) as second:
+            assert second.success
+            [own] = second.asset_materializations_for_node("feature__edges")
+        # ... and then the first run, re-executed from its failure, settles its own claims.
+        with live_store.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER refuse_early ON edges")
+        options = dg.ReexecutionOptions.from_failure(first.run_id, instance)
+        with dg.execute_job(job, instance=instance, tags=incremental, reexecution_options=options) as rest:
+            assert rest.success
+            [settled] = rest.asset_materializations_for_node("feature__edges")
+    assert own.metadata["enriched"].value == len(late) and own.metadata["leases_lost"].value == 0
+    assert settled.metadata["enriched"].value == len(early) and settled.metadata["leases_lost"].value == 0
+    assert {live_store.get_entity("feature", e.entity_id).state for e in events} == {"fully_enriched"}
+    assert all(live_store.get_entity("feature", e.entity_id).claim_owner is None for e in events)
+
+
 def test_run_config_that_would_claim_nothing_forever_is_refused(
     defs: dg.Definitions, resources: dict[str, Any], live_store: FactStore, graph: MdsGraph
 ) -> None:
