@@ -234,7 +234,7 @@ DAGSTER = "Dagster (daemon, webserver, code servers, run workers)"
 # (run workers' included) moves to them, and a finer split could show negative deltas.
 CPU_ROLES = (
     ("dagster-daemon", DAGSTER), ("dagster-webserver", DAGSTER), ("-m dagster api", DAGSTER),
-    ("bin/dagster api", DAGSTER),
+    ("bin/dagster api", DAGSTER), ("enrichment_assets.codeserver", DAGSTER),
     ("noida-db", "search server (noida-db)"),
     (" serve --host", "API server (enrichment serve)"),
     ("enrichment_assets.simulator", "source simulator"),

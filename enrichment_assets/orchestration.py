@@ -112,7 +112,8 @@ class LocalDagster:
         with dg.DagsterInstance.from_config(str(self.home)):
             pass
         bin_dir = Path(sys.executable).parent
-        self._spawn("code-server", [str(bin_dir / "dagster"), "api", "grpc", *self._code_location_args(),
+        # `dagster api grpc` whose run workers fork from a warm process (see codeserver.py).
+        self._spawn("code-server", [sys.executable, "-m", "enrichment_assets.codeserver", *self._code_location_args(),
                                     "--host", "127.0.0.1", "--port", str(self.code_server_port)])
         try:
             self._wait_code_server(timeout=timeout)
