@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -76,7 +78,7 @@ def run_demo(settings: Settings) -> None:
         ingested_at = _ingest(api.url, settings, events)
         searchable = _wait(store, index, dagster, total=len(events), ingested_at=ingested_at)
         stats = httpx.get(simulator.url + "/admin/stats", timeout=10).json()["sources"]
-        _summary(store, policy, stats, dagster)
+        _summary(store, policy, stats, dagster, ingested_at)
         _reads(api.url, settings, policy)
         _latency(searchable)
         _linger(dagster, _showcase_type(policy))
@@ -123,8 +125,12 @@ def _search_server(settings: Settings) -> Iterator[str]:
     if settings.elasticsearch_url:
         yield settings.elasticsearch_url
         return
+    # The embedded fact store starts empty every time, so its versions start again at 1; an index
+    # kept from the last demo would hold newer versions and refuse every write as superseded.
+    data_dir = STATE_DIR / "elasticsearch"
+    shutil.rmtree(data_dir, ignore_errors=True)
     with _step("starting the Elasticsearch-compatible server"):
-        server = LocalElasticsearch(STATE_DIR / "elasticsearch").start()
+        server = LocalElasticsearch(data_dir).start()
     try:
         yield server.url
     finally:
@@ -208,9 +214,9 @@ def _wait(store: FactStore, index: SearchIndex, dagster: LocalDagster, *, total:
         while True:
             now = time.time()
             index.refresh()
-            for doc_id in _enriched_documents(index):
+            for doc_id in _enriched_documents(index, ingested_at):
                 searchable.setdefault(doc_id, now - ingested_at)
-            runs = _runs(dagster)
+            runs = _runs(dagster, ingested_at)
             in_flight = sum(1 for r in runs if r["status"] in {s.value for s in IN_FLIGHT})
             progress.update(task, completed=min(len(searchable), total),
                             description=f"Dagster runs enriching ({len(runs)} runs, {in_flight} in flight)")
@@ -224,9 +230,14 @@ def _wait(store: FactStore, index: SearchIndex, dagster: LocalDagster, *, total:
     return sorted(searchable.values())
 
 
-def _enriched_documents(index: SearchIndex) -> list[str]:
-    answer = index.client.search(index=index.alias, query={"term": {"state": "fully_enriched"}}, size=10_000,
-                                 source=False)
+def _enriched_documents(index: SearchIndex, since: float) -> list[str]:
+    """Documents enriched since ``since`` (epoch seconds): a second demo finds the first one's documents
+    in the index, and they must not count as this ingest's."""
+    query = {"bool": {"filter": [
+        {"term": {"state": "fully_enriched"}},
+        {"range": {"last_enriched_at": {"gte": datetime.fromtimestamp(since, UTC).isoformat()}}},
+    ]}}
+    answer = index.client.search(index=index.alias, query=query, size=10_000, source=False)
     return [hit["_id"] for hit in answer["hits"]["hits"]]
 
 
@@ -236,14 +247,16 @@ def _settled(store: FactStore) -> int:
     return sum(c for s in store.status() for state, c in s.counts.items() if state in SETTLED)
 
 
-def _runs(dagster: LocalDagster) -> list[dict[str, str]]:
-    query = "{ runsOrError(limit: 500) { ... on Runs { results { runId status jobName } } } }"
-    return dagster.graphql(query)["runsOrError"]["results"]
+def _runs(dagster: LocalDagster, since: float) -> list[dict[str, str]]:
+    """This demo's runs: the instance keeps the history of earlier demos too."""
+    query = ("query Runs($since: Float!) { runsOrError(filter: {createdAfter: $since}, limit: 500) "
+             "{ ... on Runs { results { runId status jobName } } } }")
+    return dagster.graphql(query, {"since": since})["runsOrError"]["results"]
 
 
-def _summary(store: FactStore, policy: Policy, stats: dict, dagster: LocalDagster) -> None:
+def _summary(store: FactStore, policy: Policy, stats: dict, dagster: LocalDagster, since: float) -> None:
     out = console()
-    runs = _runs(dagster)
+    runs = _runs(dagster, since)
     by_status: dict[str, int] = {}
     for run in runs:
         by_status[run["status"]] = by_status.get(run["status"], 0) + 1
