@@ -81,7 +81,8 @@ def _search_index_in_sync(policy: Policy) -> dg.AssetChecksDefinition:
         store = fact_store.store
         report = reconcile(store, index, policy)
         behind = store.index_behind([*report.missing, *report.stale])
-        divergent = [k for k in [*report.missing, *report.stale] if k not in behind]
+        # A document ahead of the store is divergent whatever the outbox holds: writes to it are refused.
+        divergent = [k for k in [*report.missing, *report.stale] if k not in behind] + report.ahead
         backlog = store.index_backlog_counts()
         count_gaps = {t: (s, i) for t, (s, i) in report.counts.items() if abs(s - i) > backlog.get(t, 0)}
         passed = not divergent and not report.extra and not count_gaps

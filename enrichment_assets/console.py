@@ -163,6 +163,7 @@ def reconcile_table(report) -> Table:  # type: ignore[no-untyped-def]
         table.add_column(column, justify="left" if column == "entity type" else "right")
     for etype, (in_store, in_index) in report.counts.items():
         table.add_row(etype, f"{in_store:,}", f"{in_index:,}")
-    table.caption = (f"missing {len(report.missing)}, stale {len(report.stale)}, extra {len(report.extra)}"
+    table.caption = (f"missing {len(report.missing)}, stale {len(report.stale)}, ahead of the store "
+                     f"{len(report.ahead)}, extra {len(report.extra)}"
                      + (f"; repaired: {report.repaired.indexed} re-indexed" if report.repaired else ""))
     return table

@@ -11,9 +11,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from enrichment_assets.events import Event
 from enrichment_assets.factstore import DerivedEdge, FactStore, Outcome, RetryPolicy
+from enrichment_assets.factstore.schema import entities
 from enrichment_assets.policy import load_policy
 from enrichment_assets.search import Action, SearchIndex, document_id, reconcile, rebuild_index, sync_changed, sync_index
 
@@ -135,6 +137,28 @@ def test_reconciliation_finds_and_repairs_a_deleted_and_a_stale_document(
     assert repaired.repaired is not None and repaired.repaired.indexed >= 1
     assert reconcile(store, search_index, POLICY, exact=True).in_sync
     assert doc(search_index, "a", "a3") is not None and doc(search_index, "a", "a7")["name"] == "renamed"
+
+
+def test_a_document_ahead_of_a_store_whose_versions_went_back_is_found_and_rewritten(
+    store: FactStore, search_index: SearchIndex
+) -> None:
+    """A store restored from an older backup (or rebuilt beside an old index): the index's external
+    versions are higher, every write is refused as superseded, and only reconciliation can tell."""
+    ingest(store, "a", "a1", "a2")
+    enrich(store, "a", {"a1": "the index's old name"})
+    sync_index(store, POLICY, search_index)
+    before = store.get_entity("a", "a1").doc_version
+    with store.engine.begin() as conn:  # the restore: versions back to 1, the name changed meanwhile
+        conn.execute(sa.update(entities).where(entities.c.entity_id == "a1")
+                     .values(doc_version=1, indexed_version=0, attributes={"name": "the store's name"}))
+    assert before > 1
+    sync_index(store, POLICY, search_index)
+    assert doc(search_index, "a", "a1")["name"] == "the index's old name", "refused as superseded"
+    report = reconcile(store, search_index, POLICY, exact=True)
+    assert (report.ahead, report.stale, report.missing) == ([("a", "a1")], [], []) and not report.in_sync
+    reconcile(store, search_index, POLICY, exact=True, repair=True)
+    assert doc(search_index, "a", "a1")["name"] == "the store's name"
+    assert reconcile(store, search_index, POLICY, exact=True).in_sync
 
 
 def test_full_rebuild_keeps_searches_answering(store: FactStore, search_index: SearchIndex) -> None:

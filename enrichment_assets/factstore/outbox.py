@@ -191,6 +191,16 @@ def versions(conn: sa.Connection) -> Iterator[tuple[str, str, int, str]]:
     )
 
 
+def versions_of(conn: sa.Connection, keys: Sequence[EntityKey]) -> dict[EntityKey, int]:
+    """The document version the store holds now for each of ``keys`` it knows."""
+    found: dict[EntityKey, int] = {}
+    for chunk in _chunks(list(keys)):
+        found.update(((t, i), v) for t, i, v in conn.execute(
+            sa.select(entities.c.entity_type, entities.c.entity_id, entities.c.doc_version)
+            .where(_key_in(entities, "entity_type", "entity_id", chunk))))
+    return found
+
+
 def behind(conn: sa.Connection, keys: Sequence[EntityKey]) -> set[EntityKey]:
     """The keys whose search document is behind the fact store (still in the outbox)."""
     found: set[EntityKey] = set()

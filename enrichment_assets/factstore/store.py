@@ -435,6 +435,10 @@ class FactStore:
         ordered = sorted(set(keys))
         self._write(lambda conn: outbox.requeue(conn, ordered))
 
+    def document_versions_of(self, keys: Sequence[EntityKey]) -> dict[EntityKey, int]:
+        with self.engine.connect() as conn:
+            return outbox.versions_of(conn, keys)
+
     def index_behind(self, keys: Sequence[EntityKey]) -> set[EntityKey]:
         """Which of ``keys`` are still waiting in the search outbox."""
         with self.engine.connect() as conn:

@@ -3,6 +3,12 @@
 The quick check compares counts per type and the versions of a random sample; ``exact`` compares
 every document. Repair puts missing and stale entities back in the outbox, deletes documents the
 store does not have (or has as tombstones), and syncs.
+
+A document can also be *ahead* of the store: its version is higher than the store's, which happens
+when the store's versions went back (a restore from backup, a store rebuilt beside an old index).
+External versioning then refuses every write of that entity as superseded, so search would serve the
+old document forever while the sync believes it current. Repair deletes such documents (a delete
+without a version) before writing them again at the store's version.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ class ReconcileReport:
     checked: int = 0
     missing: list[EntityKey] = field(default_factory=list)
     stale: list[EntityKey] = field(default_factory=list)
+    ahead: list[EntityKey] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     repaired: IndexReport | None = None
 
     @property
     def in_sync(self) -> bool:
-        return not (self.missing or self.stale or self.extra) and all(a == b for a, b in self.counts.values())
+        return not (self.missing or self.stale or self.ahead or self.extra) and all(
+            a == b for a, b in self.counts.values())
 
 
 def reconcile(store: FactStore, index: SearchIndex, policy: Policy, *, exact: bool = False, sample: int = 200,
@@ -63,9 +71,15 @@ def reconcile(store: FactStore, index: SearchIndex, policy: Policy, *, exact: bo
             report.missing.append(key)
         elif indexed[doc_id] < version:
             report.stale.append(key)
+        elif indexed[doc_id] > version:
+            report.ahead.append(key)
+    if report.ahead:
+        # A drain may have written a newer version since the store was read: ahead only if still so.
+        now = store.document_versions_of(report.ahead)
+        report.ahead = [k for k in report.ahead if indexed[document_id(*k)] > now.get(k, 0)]
     if repair and not report.in_sync:
-        store.requeue_for_index(report.missing + report.stale)
-        index.delete_documents(report.extra)
+        index.delete_documents([document_id(*k) for k in report.ahead] + report.extra)
+        store.requeue_for_index(report.missing + report.stale + report.ahead)
         report.repaired = sync_index(store, policy, index)
         index.refresh()
     return report
