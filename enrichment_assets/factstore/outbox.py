@@ -11,6 +11,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from enrichment_assets.factstore import arrays
 from enrichment_assets.factstore.models import EntityKey
 from enrichment_assets.factstore.schema import EntityState, edges, entities, references
 
@@ -102,61 +103,70 @@ def backlog(conn: sa.Connection, limit: int) -> list[EntityKey]:
 
 def document_sources(conn: sa.Connection, keys: Sequence[EntityKey], *, cap: int = RELATIONSHIP_CAP) -> list[DocumentSource]:
     """Everything the documents of ``keys`` need, with at most ``cap`` edges per (relation, direction)
-    and references per field; ``totals`` counts them all."""
+    and references per field; ``totals`` counts them all.
+
+    A rebuild reads every entity through here, so it runs a fixed number of statements per page of
+    keys (``arrays.key_filters``: on PostgreSQL one unnested array per key column, compiled once) and
+    builds rows as plain dicts from tuples: SQLAlchemy's row mappings cost more than the SQL did.
+    """
     rows: dict[EntityKey, dict[str, Any]] = {}
     columns = [entities.c[name] for name in ("entity_type", "entity_id", "state", "doc_version", "attributes",
                                               "first_seen_at", "hydrated_at", "last_enriched_at")]
-    for chunk in _chunks(list(keys)):
-        for row in conn.execute(sa.select(*columns).where(_key_in(entities, "entity_type", "entity_id", chunk))).mappings():
+    for match in arrays.key_filters(conn, [entities.c.entity_type, entities.c.entity_id], list(keys)):
+        for row in _dicts(conn, sa.select(*columns).where(match)):
             rows[(row["entity_type"], row["entity_id"])] = {**row, "edges_out": [], "edges_in": [], "references": [],
                                                             "totals": []}
     live = [k for k, row in rows.items() if row["state"] != EntityState.DELETED.value]
     edge_columns = [edges.c[n] for n in ("src_type", "src_id", "relation", "dst_type", "dst_id", "path", "kind")]
+    ref_columns = [references.c[n] for n in ("from_type", "from_id", "field", "to_type", "to_id", "resolved")]
     others: set[EntityKey] = set()
-    for chunk in _chunks(live):
-        for direction, (key_type, key_id), (other_type, other_id) in (
-            ("out", ("src_type", "src_id"), ("dst_type", "dst_id")),
-            ("in", ("dst_type", "dst_id"), ("src_type", "src_id")),
-        ):
-            where = [_key_in(edges, key_type, key_id, chunk), edges.c.retracted_at.is_(None)]
-            for edge in _capped(conn, edges, edge_columns, where, [edges.c[key_type], edges.c[key_id], edges.c.relation],
-                                [edges.c[other_type], edges.c[other_id]], cap):
+    for direction, (key_type, key_id), (other_type, other_id) in (
+        ("out", ("src_type", "src_id"), ("dst_type", "dst_id")),
+        ("in", ("dst_type", "dst_id"), ("src_type", "src_id")),
+    ):
+        group = [edges.c[key_type], edges.c[key_id], edges.c.relation]
+        for match in arrays.key_filters(conn, [edges.c[key_type], edges.c[key_id]], live):
+            where = [match, edges.c.retracted_at.is_(None)]
+            for edge in _capped(conn, edge_columns, where, group, [edges.c[other_type], edges.c[other_id]], cap):
                 rows[(edge[key_type], edge[key_id])][f"edges_{direction}"].append(edge)
                 others.add((edge[other_type], edge[other_id]))
-            for k_type, k_id, relation, total in _totals(conn, edges, where, [edges.c[key_type], edges.c[key_id],
-                                                                              edges.c.relation]):
+            for k_type, k_id, relation, total in _totals(conn, where, group):
                 rows[(k_type, k_id)]["totals"].append(
                     {"relation": relation, "direction": direction, "derived": True, "total": total})
-        ref_columns = [references.c[n] for n in ("from_type", "from_id", "field", "to_type", "to_id", "resolved")]
-        where = [_key_in(references, "from_type", "from_id", chunk), references.c.retracted_at.is_(None)]
-        group = [references.c.from_type, references.c.from_id, references.c.field]
-        for ref in _capped(conn, references, ref_columns, where, group, [references.c.to_type, references.c.to_id], cap):
+    group = [references.c.from_type, references.c.from_id, references.c.field]
+    for match in arrays.key_filters(conn, [references.c.from_type, references.c.from_id], live):
+        where = [match, references.c.retracted_at.is_(None)]
+        for ref in _capped(conn, ref_columns, where, group, [references.c.to_type, references.c.to_id], cap):
             rows[(ref["from_type"], ref["from_id"])]["references"].append(ref)
             others.add((ref["to_type"], ref["to_id"]))
-        for k_type, k_id, relation, total in _totals(conn, references, where, group):
+        for k_type, k_id, relation, total in _totals(conn, where, group):
             rows[(k_type, k_id)]["totals"].append(
                 {"relation": relation, "direction": "out", "derived": False, "total": total})
     neighbours: dict[EntityKey, dict[str, Any]] = {}
-    for chunk in _chunks(sorted(others)):
+    for match in arrays.key_filters(conn, [entities.c.entity_type, entities.c.entity_id], sorted(others)):
         for etype, eid, attributes in conn.execute(
             sa.select(entities.c.entity_type, entities.c.entity_id, entities.c.attributes)
-            .where(_key_in(entities, "entity_type", "entity_id", chunk), entities.c.attributes.is_not(None))
+            .where(match, entities.c.attributes.is_not(None))
         ):
             neighbours[(etype, eid)] = attributes
     return [DocumentSource(**row, neighbours=neighbours) for row in rows.values()]
 
 
-def _capped(conn: sa.Connection, table: sa.Table, columns: list[sa.ColumnElement[Any]],
-            where: list[sa.ColumnElement[bool]], group: list[sa.ColumnElement[Any]],
-            order: list[sa.ColumnElement[Any]], cap: int) -> list[dict[str, Any]]:
-    """Rows of ``table`` matching ``where``, at most ``cap`` per ``group`` (first by ``order``)."""
+def _dicts(conn: sa.Connection, stmt: sa.Select[Any]) -> list[dict[str, Any]]:
+    result = conn.execute(stmt)
+    names = tuple(result.keys())
+    return [dict(zip(names, row)) for row in result]
+
+
+def _capped(conn: sa.Connection, columns: list[sa.ColumnElement[Any]], where: list[sa.ColumnElement[bool]],
+            group: list[sa.ColumnElement[Any]], order: list[sa.ColumnElement[Any]], cap: int) -> list[dict[str, Any]]:
+    """Rows matching ``where``, at most ``cap`` per ``group`` (first by ``order``)."""
     rank = sa.func.row_number().over(partition_by=group, order_by=order).label("rank")
     ranked = sa.select(*columns, rank).where(*where).subquery()
-    stmt = sa.select(*[ranked.c[c.name] for c in columns]).where(ranked.c.rank <= cap)
-    return [dict(row) for row in conn.execute(stmt).mappings()]
+    return _dicts(conn, sa.select(*[ranked.c[c.name] for c in columns]).where(ranked.c.rank <= cap))
 
 
-def _totals(conn: sa.Connection, table: sa.Table, where: list[sa.ColumnElement[bool]],
+def _totals(conn: sa.Connection, where: list[sa.ColumnElement[bool]],
             group: list[sa.ColumnElement[Any]]) -> list[tuple[str, str, str, int]]:
     return [tuple(row) for row in conn.execute(sa.select(*group, sa.func.count()).where(*where).group_by(*group))]  # type: ignore[misc]
 
