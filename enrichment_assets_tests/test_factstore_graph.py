@@ -1,6 +1,7 @@
 """Graph writes on both backends: derived edges asserted idempotently with provenance, retracted (with
 history) only after a complete walk, tombstones retracting both ends, references replaced per entity,
-hydrations recorded without disturbing other workers, and forward-reference waiters woken on arrival."""
+hydrations recorded without disturbing other workers, forward-reference waiters woken on arrival, and the
+document sources search documents are built from."""
 
 from __future__ import annotations
 
@@ -189,3 +190,38 @@ def test_waiters_wake_when_what_they_wait_on_arrives(store: FactStore, clock) ->
     ingest(store, "late", entity_type="other")
     assert store.wake_waiters() == 1
     assert [c.entity_id for c in store.claim("thing", limit=5, owner="w2", lease=LEASE)] == ["root"]
+
+
+def test_document_sources_cap_count_and_name_every_relationship_across_key_pages(store: FactStore) -> None:
+    """What a search document is built from, on both backends, for more keys than one statement takes
+    (PostgreSQL pages its key arrays at 5,000, SQLite its IN lists at 500)."""
+    from enrichment_assets.factstore import arrays
+
+    cap = 3
+    hops = [f"h{i}" for i in range(cap + 2)]
+    ingest(store, "root", "gone")
+    ingest(store, *hops, entity_type="other")
+    store.record_walk([("other", h, {"name": f"Hop {h}"}) for h in hops],
+                      {("thing", "root"): [ReferenceFact("uses", "other", h, True) for h in hops]})
+    walk(store, "enriched", *(edge("reaches", h) for h in hops))
+    ingest(store, "gone", event_type="deleted")
+    ingest(store, *(f"p{i:05d}" for i in range(arrays.PAGE)))
+
+    keys = [("thing", f"p{i:05d}") for i in range(arrays.PAGE)] + [("thing", "root"), ("thing", "gone"),
+                                                                    ("other", "h0"), ("thing", "never-seen")]
+    sources = {s.key: s for s in store.document_sources(keys, cap=cap)}
+
+    assert len(sources) == arrays.PAGE + 3, "every known key once; an unknown one left out"
+    root = sources[("thing", "root")]
+    assert [e["dst_id"] for e in root.edges_out] == hops[:cap], "the first by the other end's id"
+    assert root.edges_out[0]["path"] == [["thing", "root"], ["thing", "hop"], ["other", "h0"]]
+    assert [r["to_id"] for r in root.references] == hops[:cap] and all(r["resolved"] for r in root.references)
+    assert sorted((t["relation"], t["direction"], t["derived"], t["total"]) for t in root.totals) == [
+        ("reaches", "out", True, len(hops)), ("uses", "out", False, len(hops))]
+    assert root.neighbours[("other", "h1")] == {"name": "Hop h1"}
+    hop = sources[("other", "h0")]
+    assert [(e["src_id"], e["relation"]) for e in hop.edges_in] == [("root", "reaches")]
+    assert hop.totals == [{"relation": "reaches", "direction": "in", "derived": True, "total": 1}]
+    assert sources[("thing", "gone")].state == "deleted" and sources[("thing", "gone")].edges_out == []
+    last = sources[("thing", f"p{arrays.PAGE - 1:05d}")]
+    assert (last.state, last.edges_out, last.references, last.totals) == ("uncached", [], [], [])
