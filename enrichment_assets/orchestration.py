@@ -60,7 +60,9 @@ def instance_config(*, max_concurrent_runs: int = 4, postgres_url: str | None = 
         "run_monitoring": {"enabled": True, "start_timeout_seconds": 180},
     }
     if postgres_url:
-        config["storage"] = {"postgres": {"postgres_url": postgres_url}}
+        # storage: postgres, with its connections pooled (see dagster_storage.py).
+        config["storage"] = {"custom": {"module": "enrichment_assets.dagster_storage", "class": "PooledPostgresStorage",
+                                        "config": {"postgres_url": postgres_url}}}
     return config
 
 

@@ -1,5 +1,6 @@
 """The code location loads the way `dagster dev` loads it, its asset materializes against the fact
-store, and the shipped dagster.yaml configures PostgreSQL instance storage from the environment."""
+store, the shipped dagster.yaml configures PostgreSQL instance storage from the environment, and the
+local instance pools its PostgreSQL storage connections."""
 
 from __future__ import annotations
 
@@ -77,6 +78,40 @@ def test_local_instance_config_loads_with_threaded_dequeue(tmp_path: Path) -> No
     write_instance_yaml(tmp_path, max_concurrent_runs=3)
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         assert_launches_side_by_side(instance, max_runs=3)
+
+
+def test_local_instance_on_postgres_keeps_its_storage_connections_open(make_postgres_database, tmp_path: Path) -> None:
+    """dagster-postgres opens a connection per storage call; the local instance's storage holds one per
+    storage instead, and a forked process never uses its parent's."""
+    import sqlalchemy as sa
+
+    from enrichment_assets.dagster_storage import PooledEventLogStorage, PooledRunStorage, PooledScheduleStorage
+
+    url = make_url(make_postgres_database()).set(drivername="postgresql+psycopg2")
+    write_instance_yaml(tmp_path, postgres_url=url.render_as_string(hide_password=False))
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        storages = (instance.run_storage, instance.event_log_storage, instance.schedule_storage)
+        assert [type(s) for s in storages] == [PooledRunStorage, PooledEventLogStorage, PooledScheduleStorage]
+        opened: list[int] = []
+        for storage in storages:
+            sa.event.listen(storage._engine, "connect", lambda *_: opened.append(os.getpid()))
+        for _ in range(20):
+            assert instance.get_runs_count() == 0
+            assert instance.get_latest_materialization_event(dg.AssetKey("nothing")) is None
+            assert instance.all_instigator_state() == []
+        assert len(opened) == 3, "one connection per storage for 60 calls"
+        assert_launches_side_by_side(instance, max_runs=4)
+
+        child = os.fork()
+        if child == 0:  # the child: its first call must open its own connection
+            try:
+                os._exit(0 if instance.get_runs_count() == 0 and len(opened) == 4 and opened[-1] == os.getpid() else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert instance.get_runs_count() == 0, "the parent's connection survived the child"
+        assert len(opened) == 3
 
 
 def test_local_dagster_processes_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
