@@ -8,6 +8,7 @@ from enrichment_assets.assets.branch import branch_types, build_branch, search_i
 from enrichment_assets.checks import build_checks
 from enrichment_assets.io_manager import RunScopedIOManager
 from enrichment_assets.policy import Policy
+from enrichment_assets.pools import build_pool_repair_sensor
 from enrichment_assets.resources import FactStoreResource, SearchResource, SourcesResource
 from enrichment_assets.schedules import build_schedules
 from enrichment_assets.sensors import ENRICHMENT_JOB, build_sensor, job_name
@@ -36,7 +37,7 @@ def build_definitions(policy: Policy) -> dg.Definitions:
         ],
         asset_checks=checks,
         jobs=[*jobs, enrichment_job, checks_job],
-        sensors=[build_sensor(policy, [enrichment_job])],
+        sensors=[build_sensor(policy, [enrichment_job]), build_pool_repair_sensor(policy)],
         schedules=build_schedules(policy, jobs, checks_job),
         resources={"fact_store": FactStoreResource(), "sources": SourcesResource(), "search": SearchResource(),
                    "io_manager": RunScopedIOManager()},
