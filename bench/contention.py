@@ -16,7 +16,7 @@ CPU (a pure-Python loop, touching no file, socket or database) run beside it:
 Printed per phase: p50/p90/p99/max latency and p99 against the baseline. The SCHED_IDLE row is the
 floor for ``bench/staleness.py``'s ingest ratio on this machine: enrichment cannot get further out of
 ingest's way than CPU work that yields at once, and what is left is what sharing the cores costs
-(caches, memory bandwidth, and the sibling thread when the two vCPUs share a core). Timings are
+(caches, memory bandwidth, and whatever the host runs beside this guest's virtual CPUs). Timings are
 printed, never asserted.
 
 Run: ``.venv/bin/python bench/contention.py [--rate 50] [--seconds 20] [--hogs 3]`` (about two
@@ -38,10 +38,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from enrichment_assets.factstore import FactStore
+from enrichment_assets.policy import load_policy
+from enrichment_assets.settings import SHIPPED_POLICY
 
 from _common import api_server, console, describe_server, fresh_database, percentile, postgres_server, print_table
 
 HOG = "while True:\n    sum(range(10_000))\n"
+# Any type the API accepts: the server validates against the shipped policy.
+ENTITY_TYPE = sorted(load_policy(SHIPPED_POLICY).entity_types)[0]
 PHASES: dict[str, Callable[[], None] | None] = {
     "none": None,
     "normal (nice 0)": lambda: None,
@@ -76,7 +80,7 @@ def paced_posts(conn: http.client.HTTPConnection, first_id: int, count: int, rat
         delay = started + n / rate - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        body = json.dumps({"entity_type": "model_instance", "entity_id": f"mi-{first_id + n}", "event_type": "created"})
+        body = json.dumps({"entity_type": ENTITY_TYPE, "entity_id": f"e-{first_id + n}", "event_type": "created"})
         sent = time.perf_counter()
         conn.request("POST", "/v1/events", body=body, headers={"content-type": "application/json"})
         response = conn.getresponse()
