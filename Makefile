@@ -38,7 +38,7 @@ bench: $(STAMP)
 ## `dagster dev` on the SQLite instance under .enrichment/dagster, against ENRICHMENT_* / ELASTICSEARCH_URL
 ## and the sources from your environment (`make demo` starts all of those for you instead).
 dev: $(STAMP)
-	$(BIN)/python -c 'from enrichment_assets.orchestration import write_instance_yaml; write_instance_yaml(".enrichment/dagster")'
+	$(BIN)/python -c 'from enrichment_assets.dev.local_dagster import write_instance_yaml; write_instance_yaml(".enrichment/dagster")'
 	DAGSTER_HOME=$(CURDIR)/.enrichment/dagster $(BIN)/dagster dev -w workspace.yaml
 
 clean:

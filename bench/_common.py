@@ -8,7 +8,7 @@ temporary directory and deleted at the end. Either way each benchmark runs in it
 The search server is ``BENCH_ELASTICSEARCH_URL`` when set (e.g. ``http://127.0.0.1:9200``); otherwise
 the Elasticsearch-compatible server from ``noida-db`` (``devservers.LocalElasticsearch``) is started in
 a temporary directory. ``api_server`` runs ``enrichment serve`` as a separate process on 127.0.0.1, and
-``simulator_process`` the source simulator (``python -m enrichment_assets.simulator``) likewise.
+``simulator_process`` the source simulator (``python -m enrichment_assets.dev.simulator``) likewise.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 
 from enrichment_assets.api.server import free_port
-from enrichment_assets.devservers import LocalElasticsearch, LocalPostgres
+from enrichment_assets.dev.devservers import LocalElasticsearch, LocalPostgres
 from enrichment_assets.factstore.engine import create_engine
-from enrichment_assets.simulator.catalog import SOURCES
+from enrichment_assets.dev.simulator.catalog import SOURCES
 
 # The simulator graph's seed, the same in every benchmark that serves or walks it.
 SEED = 7
@@ -195,7 +195,7 @@ def simulator_process(
     ``rate_limit_rps`` makes every source answer 429 above that many requests per second.
     """
     port = free_port()
-    command = [sys.executable, "-m", "enrichment_assets.simulator", "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "enrichment_assets.dev.simulator", "--host", "127.0.0.1",
                "--port", str(port), "--seed", str(SEED), "--scale", str(scale),
                "--latency-ms", str(latency_ms)]
     if rate_limit_rps is not None:

@@ -1,6 +1,6 @@
 """Enrichment throughput and source traffic: the batched multi-hop walker against a naive per-entity walk.
 
-Both run in this process against the same source simulator (``python -m enrichment_assets.simulator``
+Both run in this process against the same source simulator (``python -m enrichment_assets.dev.simulator``
 in a separate process on 127.0.0.1: the seeded graph at ``--scale``, ``--latency-ms`` added to every
 answer, no injected faults) with the shipped ``policies/mds.yaml``, whose per-source
 ``requests_per_second`` and ``max_concurrency`` the same source clients enforce on both paths:
@@ -53,15 +53,15 @@ from enrichment_assets.events import Event
 from enrichment_assets.factstore import EntityKey, FactStore
 from enrichment_assets.factstore.schema import references
 from enrichment_assets.hydration.client import Fetched
-from enrichment_assets.hydration.cycle import enrich_cycle
+from enrichment_assets.steps.cycle import enrich_cycle
 from enrichment_assets.hydration.paths import MalformedField, extract_ids
 from enrichment_assets.hydration.pool import SourcePool
 from enrichment_assets.hydration.walker import WalkReport
 from enrichment_assets.policy import EdgeRule, Policy, load_policy
 from enrichment_assets.settings import SHIPPED_POLICY
-from enrichment_assets.simulator.catalog import DERIVED_EDGES
-from enrichment_assets.simulator.events import thin_events
-from enrichment_assets.simulator.graph import MdsGraph, generate_graph
+from enrichment_assets.dev.simulator.catalog import DERIVED_EDGES
+from enrichment_assets.dev.simulator.events import thin_events
+from enrichment_assets.dev.simulator.graph import MdsGraph, generate_graph
 
 from _common import (
     SEED, bench_database, console, describe_server, print_table, reset_stats, simulator_process, source_environ,

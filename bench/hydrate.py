@@ -1,7 +1,7 @@
 """Hydration at the issue's source limits: source calls against the fewest possible, elapsed time against
 the rate-limit bound, and throughput against a sequential naive script.
 
-Both paths run in this process against the source simulator (``python -m enrichment_assets.simulator``
+Both paths run in this process against the source simulator (``python -m enrichment_assets.dev.simulator``
 in its own process on 127.0.0.1: the seeded graph at ``--scale``, ``--latency-ms`` added to every
 answer, every source answering 429 above ``--requests-per-second``, no injected faults). The policy is
 the shipped ``policies/mds.yaml`` with every source's ``requests_per_second`` and ``max_batch_size``
@@ -57,9 +57,9 @@ from enrichment_assets.factstore import EntityKey, FactStore
 from enrichment_assets.hydration.limits import RateLimiter
 from enrichment_assets.policy import Policy, load_policy
 from enrichment_assets.settings import SHIPPED_POLICY
-from enrichment_assets.simulator.catalog import match_raw_path
-from enrichment_assets.simulator.graph import MdsGraph, generate_graph
-from enrichment_assets.simulator.stats import DEFAULT_LOG_SIZE
+from enrichment_assets.dev.simulator.catalog import match_raw_path
+from enrichment_assets.dev.simulator.graph import MdsGraph, generate_graph
+from enrichment_assets.dev.simulator.stats import DEFAULT_LOG_SIZE
 
 from _common import SEED, bench_database, console, describe_server, print_table, simulator_process, verdict
 from enrich import Batched, Naive, agreement, covered_seconds, print_time_and_checks, run_batched, run_naive

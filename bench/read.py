@@ -53,13 +53,13 @@ import httpx
 from enrichment_assets.events import Event
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.hydration.client import encode_segment
-from enrichment_assets.hydration.cycle import enrich_once
+from enrichment_assets.steps.cycle import enrich_once
 from enrichment_assets.hydration.paths import extract_ids
 from enrichment_assets.policy import Policy, load_policy
 from enrichment_assets.settings import SHIPPED_POLICY
-from enrichment_assets.simulator.events import thin_events
-from enrichment_assets.simulator.graph import MdsGraph
-from enrichment_assets.simulator.server import simulator_server
+from enrichment_assets.dev.simulator.events import thin_events
+from enrichment_assets.dev.simulator.graph import MdsGraph
+from enrichment_assets.dev.simulator.server import simulator_server
 
 from _common import api_server, bench_database, console, describe_server, percentile, print_table, verdict
 

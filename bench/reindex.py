@@ -56,7 +56,7 @@ from enrichment_assets.search import Action, SearchIndex, actions_for, build_doc
 from enrichment_assets.search.documents import document_id
 from enrichment_assets.search.mappings import MAPPINGS
 from enrichment_assets.settings import SHIPPED_POLICY
-from enrichment_assets.simulator.graph import BASE_COUNTS, MdsGraph, generate_graph
+from enrichment_assets.dev.simulator.graph import BASE_COUNTS, MdsGraph, generate_graph
 
 from _common import (
     bench_database, console, describe_search, describe_server, elasticsearch_server, percentile, print_table,

@@ -74,12 +74,12 @@ from sqlalchemy.engine import make_url
 
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.factstore.schema import PENDING_STATES, entities
-from enrichment_assets.orchestration import LOCATION, LocalDagster
+from enrichment_assets.dev.local_dagster import LOCATION, LocalDagster
 from enrichment_assets.search.documents import document_id
 from enrichment_assets.search.index import SearchIndex
-from enrichment_assets.simulator.catalog import REFERENCES
-from enrichment_assets.simulator.events import thin_events
-from enrichment_assets.simulator.graph import BASE_COUNTS, MdsGraph, count_for, generate_graph
+from enrichment_assets.dev.simulator.catalog import REFERENCES
+from enrichment_assets.dev.simulator.events import thin_events
+from enrichment_assets.dev.simulator.graph import BASE_COUNTS, MdsGraph, count_for, generate_graph
 
 from _common import (
     SEED, api_server, console, describe_search, describe_server, elasticsearch_server, fresh_database, median,
@@ -234,10 +234,10 @@ DAGSTER = "Dagster (daemon, webserver, code servers, run workers)"
 # (run workers' included) moves to them, and a finer split could show negative deltas.
 CPU_ROLES = (
     ("dagster-daemon", DAGSTER), ("dagster-webserver", DAGSTER), ("-m dagster api", DAGSTER),
-    ("bin/dagster api", DAGSTER), ("enrichment_assets.codeserver", DAGSTER),
+    ("bin/dagster api", DAGSTER), ("enrichment_assets.dev.codeserver", DAGSTER),
     ("noida-db", "search server (noida-db)"),
     (" serve --host", "API server (enrichment serve)"),
-    ("enrichment_assets.simulator", "source simulator"),
+    ("enrichment_assets.dev.simulator", "source simulator"),
 )
 
 

@@ -12,7 +12,7 @@ from enrichment_assets.console import console, status_table
 from enrichment_assets.events import EventBatchError, validate_lines
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.settings import ConfigError, Settings
-from enrichment_assets.simulator.cli import simulate
+from enrichment_assets.dev.simulator.cli import simulate
 
 
 def _settings() -> Settings:
@@ -145,11 +145,14 @@ def policy_validate(path: Path) -> None:
 
 @main.command("enrich-once")
 @click.option("--type", "entity_types", multiple=True, help="Only these entity types (default: all).")
-@click.option("--batch-size", default=500, show_default=True)
-def enrich_once_command(entity_types: tuple[str, ...], batch_size: int) -> None:
-    """Run one in-process enrichment cycle over every type's due work (debugging, benchmarks)."""
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Worker processes claiming side by side (PostgreSQL only: they share leases and source limits).")
+def enrich_once_command(entity_types: tuple[str, ...], batch_size: int, workers: int) -> None:
+    """Run one enrichment cycle over every type's due work: claim, walk, settle and index, the same steps
+    the Dagster assets run (for scripts and benchmarks; Dagster runs are the production path)."""
     from enrichment_assets.console import cycle_table
-    from enrichment_assets.hydration.cycle import enrich_once
+    from enrichment_assets.steps.cycle import enrich_once, enrich_with_workers
 
     settings = _settings()
     assert settings.policy is not None
@@ -157,15 +160,22 @@ def enrich_once_command(entity_types: tuple[str, ...], batch_size: int) -> None:
     if unknown:
         raise click.ClickException(f"unknown entity types {sorted(unknown)}; declared: {sorted(settings.entity_types)}")
     store = _open_store(settings)
-    with console(stderr=True).status("enriching"):
-        reports, sources = enrich_once(store, settings.policy, entity_types=entity_types or None, batch_size=batch_size)
+    if workers > 1 and store.engine.dialect.name != "postgresql":
+        raise click.ClickException("--workers needs a PostgreSQL fact store (ENRICHMENT_DATABASE_URL=postgresql://...): "
+                                   "workers share their leases and the sources' limits through it")
+    index = _open_search(settings, required=False)
+    options = {"entity_types": entity_types or None, "batch_size": batch_size}
+    with console(stderr=True).status(f"enriching with {workers} worker{'s' if workers > 1 else ''}"):
+        if workers > 1:
+            result = enrich_with_workers(settings.database_url, settings.policy, workers=workers,
+                                         elasticsearch_url=settings.elasticsearch_url,
+                                         index_alias=settings.index_alias, **options)
+            reports, sources, indexed = result.reports, result.sources, result.indexed
+        else:
+            reports, sources, indexed = enrich_once(store, settings.policy, index=index, **options)
     for table in cycle_table(reports, sources):
         console().print(table)
-    index = _open_search(settings, required=False)
-    if index is not None:
-        from enrichment_assets.search import sync_index
-
-        indexed = sync_index(store, settings.policy, index)
+    if indexed is not None:
         console().print(f"search: indexed {indexed.indexed:,}, deleted {indexed.deleted:,}, "
                         f"failed {len(indexed.failures):,} (retried next time)")
 
@@ -263,7 +273,7 @@ def demo() -> None:
     DAGSTER_HOME=.enrichment/dagster) and keeps the Dagster UI up until Ctrl-C; DEMO_EXIT=1 exits
     once the summary is printed.
     """
-    from enrichment_assets.demo import run_demo
+    from enrichment_assets.dev.demo import run_demo
 
     run_demo(_settings())
 

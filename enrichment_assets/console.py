@@ -85,7 +85,7 @@ def policy_tables(policy: Policy) -> list[Table]:
                           humanize_seconds(effective.staleness_budget.total_seconds()),
                           humanize_seconds(effective.refresh_interval.total_seconds()))
     branches = Table(title="Dagster branches (one per type with a policy)", title_justify="left")
-    for column in ("type", "pool", "calls sources", "budget", "refresh", "max attempts", "priority"):
+    for column in ("type", "source", "calls sources", "budget", "refresh", "max attempts", "priority"):
         branches.add_column(column)
     for name in sorted(policy.entity_types):
         if name not in policy.policies:
@@ -93,7 +93,7 @@ def policy_tables(policy: Policy) -> list[Table]:
                              "", "", "", "", "")
             continue
         effective = policy.effective(name)
-        branches.add_row(name, f"source_{policy.entity_types[name].source}", ", ".join(policy.sources_touched(name)),
+        branches.add_row(name, policy.entity_types[name].source, ", ".join(policy.sources_touched(name)),
                          humanize_seconds(effective.staleness_budget.total_seconds()),
                          humanize_seconds(effective.refresh_interval.total_seconds()),
                          str(effective.max_attempts), str(effective.priority))

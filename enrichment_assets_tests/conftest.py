@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from enrichment_assets.devservers import LocalPostgres
+from enrichment_assets.dev.devservers import LocalPostgres
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.factstore.engine import create_engine
 from enrichment_assets.factstore.schema import metadata
@@ -114,7 +114,7 @@ def elasticsearch_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
     if given:
         yield given
         return
-    from enrichment_assets.devservers import LocalElasticsearch
+    from enrichment_assets.dev.devservers import LocalElasticsearch
 
     with LocalElasticsearch(tmp_path_factory.mktemp("elasticsearch")) as server:
         yield server.url

@@ -16,7 +16,7 @@ from enrichment_assets import codeserver
 
 def test_run_workers_fork_from_a_preloaded_server(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(DagsterApiServer, "__init__", DagsterApiServer.__init__)  # undone after the test
-    codeserver._patch_run_launch("enrichment_assets.definitions")
+    codeserver._patch_run_launch("enrichment_assets.defs.definitions")
     with FuturesAwareThreadPoolExecutor(max_workers=1) as executor:
         server = DagsterApiServer(threading.Event(), logging.getLogger(__name__), executor, lazy_load_user_code=True)
         assert server._mp_ctx.get_start_method() == "forkserver"

@@ -18,8 +18,8 @@ from sqlalchemy.engine import make_url
 
 from enrichment_assets.events import Event
 from enrichment_assets.factstore import FactStore
-from enrichment_assets.orchestration import write_instance_yaml
-from enrichment_assets.resources import FactStoreResource
+from enrichment_assets.dev.local_dagster import write_instance_yaml
+from enrichment_assets.defs.resources import FactStoreResource
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_workspace_loads_like_dagster_dev(tmp_path: Path) -> None:
 
 
 def test_fact_store_summary_materializes(database_url: str) -> None:
-    from enrichment_assets.assets import fact_store_summary
+    from enrichment_assets.defs.summary import fact_store_summary
 
     store = FactStore.from_url(database_url)
     store.ingest_events([Event(entity_type="thing", entity_id=str(i), event_type="created") for i in range(3)])
@@ -85,7 +85,7 @@ def test_local_instance_on_postgres_keeps_its_storage_connections_open(make_post
     storage instead, and a forked process never uses its parent's."""
     import sqlalchemy as sa
 
-    from enrichment_assets.dagster_storage import PooledEventLogStorage, PooledRunStorage, PooledScheduleStorage
+    from enrichment_assets.dev.dagster_storage import PooledEventLogStorage, PooledRunStorage, PooledScheduleStorage
 
     url = make_url(make_postgres_database()).set(drivername="postgresql+psycopg2")
     write_instance_yaml(tmp_path, postgres_url=url.render_as_string(hide_password=False))
@@ -120,7 +120,7 @@ def test_local_dagster_processes_stop_when_their_parent_is_killed(tmp_path: Path
     script = f"""
 import sys, time
 from pathlib import Path
-from enrichment_assets.orchestration import LocalDagster
+from enrichment_assets.dev.local_dagster import LocalDagster
 dagster = LocalDagster(Path({str(tmp_path / 'home')!r}), {{"ENRICHMENT_DATABASE_URL": "sqlite:///{tmp_path}/facts.db"}})
 dagster.start()
 print(*[p.pid for p in dagster._processes], flush=True)

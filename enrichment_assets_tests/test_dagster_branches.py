@@ -15,20 +15,20 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from enrichment_assets.assets.branch import BRANCH_STEPS, INCREMENTAL, MODE_TAG, rate_shares
-from enrichment_assets.definitions import build_definitions
+from enrichment_assets.defs.names import BRANCH_STEPS, INCREMENTAL, MODE_TAG
+from enrichment_assets.defs.definitions import build_definitions
 from enrichment_assets.events import Event
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.factstore.schema import entities
 from enrichment_assets.policy import Policy, load_policy
-from enrichment_assets.resources import FactStoreResource, SearchResource, SourcesResource
+from enrichment_assets.defs.resources import FactStoreResource, SearchResource, SourcesResource
 from enrichment_assets.search import SearchIndex
 from enrichment_assets.search.documents import document_id
-from enrichment_assets.sensors import ENRICHMENT_JOB, TYPES_TAG, due_tag
+from enrichment_assets.defs.names import ENRICHMENT_JOB, TYPES_TAG, due_tag
 from enrichment_assets.settings import SHIPPED_POLICY
-from enrichment_assets.simulator.events import thin_events
-from enrichment_assets.simulator.graph import MdsGraph, generate_graph
-from enrichment_assets.simulator.server import SimulatorServer, simulator_server
+from enrichment_assets.dev.simulator.events import thin_events
+from enrichment_assets.dev.simulator.graph import MdsGraph, generate_graph
+from enrichment_assets.dev.simulator.server import SimulatorServer, simulator_server
 
 MDS = load_policy(SHIPPED_POLICY)
 SCALE = 0.02
@@ -125,22 +125,13 @@ def test_every_policy_type_is_a_branch_fed_by_its_source_systems(defs: dg.Defini
         for key in chain:
             assert graph.get(key).group_name == entity_type
             assert graph.get(key).partitions_def is not None
-        assert hydrated.pools == {f"source_{MDS.entity_types[entity_type].source}"}
+        assert not hydrated.pools, "no one-step pools: the sources limits live in the fact store"
         freshness = graph.get(chain[-1]).freshness_policy
         assert freshness.fail_window.to_timedelta() == MDS.effective(entity_type).staleness_budget
     # The 3-hop MDS branch reads from the three systems on its path, and more.
     assert {"model_registry", "pipeline_orchestration", "experimentation_platform"} <= set(
         MDS.sources_touched("model_instance"))
     assert all(graph.get(dg.AssetKey(["sources", s])).is_external for s in MDS.sources)
-
-
-def test_rate_shares_keep_every_source_within_its_limit_when_all_branches_run() -> None:
-    shares = rate_shares(MDS)
-    for system in MDS.sources:
-        pools = {f"source_{MDS.entity_types[t].source}" for t in MDS.policies if system in MDS.sources_touched(t)}
-        # one step per pool at a time, each at its share: the sum never exceeds the source's rate
-        assert len(pools) * shares[system] == pytest.approx(1.0)
-    assert shares["experimentation_platform"] < 1, "called from the model registry and pipeline branches"
 
 
 # -- materializing branches ------------------------------------------------------------------------------
@@ -297,7 +288,8 @@ def test_sensor_requests_one_run_per_partition_selecting_each_due_type_and_a_rep
 
 def test_sensor_leaves_a_queued_run_alone_and_gives_a_started_runs_leftovers_their_own_run(
     defs: dg.Definitions, database: str, live_store: FactStore, graph: MdsGraph
-) -> None:
+, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENRICHMENT_DATABASE_URL", database)  # the code location binds it with dg.EnvVar
     ingest(live_store, graph)
     pair = ("model_instance_enrichment", today())
     due = {w.entity_type: w.due for w in live_store.due_work()}["model_instance"]
@@ -330,9 +322,10 @@ def test_sensor_leaves_a_queued_run_alone_and_gives_a_started_runs_leftovers_the
 
 def test_sensor_asks_again_for_a_due_set_whose_run_failed(
     defs: dg.Definitions, database: str, live_store: FactStore, graph: MdsGraph
-) -> None:
+, monkeypatch: pytest.MonkeyPatch) -> None:
     """A due set is named by its key, and a failed run leaves the same due set behind: without this the
     pair would wait for the retry sweep."""
+    monkeypatch.setenv("ENRICHMENT_DATABASE_URL", database)  # the code location binds it with dg.EnvVar
     ingest(live_store, graph)
     pair = ("model_instance_enrichment", today())
     job = defs.resolve_job_def(ENRICHMENT_JOB)

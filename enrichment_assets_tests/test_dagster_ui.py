@@ -25,16 +25,16 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from enrichment_assets.assets.branch import INCREMENTAL, MODE_TAG
+from enrichment_assets.defs.branch import INCREMENTAL, MODE_TAG
 from enrichment_assets.events import Event
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.factstore.schema import EntityState, entities
-from enrichment_assets.orchestration import LOCATION, LocalDagster
+from enrichment_assets.dev.local_dagster import LOCATION, LocalDagster
 from enrichment_assets.search import SearchIndex
-from enrichment_assets.sensors import job_name
-from enrichment_assets.simulator.events import thin_events
-from enrichment_assets.simulator.graph import generate_graph
-from enrichment_assets.simulator.server import simulator_server
+from enrichment_assets.defs.sensors import job_name
+from enrichment_assets.dev.simulator.events import thin_events
+from enrichment_assets.dev.simulator.graph import generate_graph
+from enrichment_assets.dev.simulator.server import simulator_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED, SCALE = 7, 0.02

@@ -20,16 +20,16 @@ import sqlalchemy as sa
 from enrichment_assets.events import Event
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.factstore.schema import edges as edges_table
-from enrichment_assets.hydration.cycle import enrich_cycle
+from enrichment_assets.steps.cycle import enrich_cycle
 from enrichment_assets.hydration.pool import SourcePool
 from enrichment_assets.policy import Policy, load_policy
 from enrichment_assets.settings import SHIPPED_POLICY
-from enrichment_assets.devservers import free_port
-from enrichment_assets.simulator.app import Simulator
-from enrichment_assets.simulator.catalog import SOURCES
-from enrichment_assets.simulator.events import thin_events
-from enrichment_assets.simulator.graph import MdsGraph, generate_graph
-from enrichment_assets.simulator.server import SimulatorServer
+from enrichment_assets.dev.devservers import free_port
+from enrichment_assets.dev.simulator.app import Simulator
+from enrichment_assets.dev.simulator.catalog import SOURCES
+from enrichment_assets.dev.simulator.events import thin_events
+from enrichment_assets.dev.simulator.graph import MdsGraph, generate_graph
+from enrichment_assets.dev.simulator.server import SimulatorServer
 
 from .conftest import FakeClock
 

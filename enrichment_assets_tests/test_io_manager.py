@@ -12,8 +12,8 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from enrichment_assets.definitions import defs
-from enrichment_assets.io_manager import RunScopedIOManager
+from enrichment_assets.defs.definitions import defs
+from enrichment_assets.defs.io_manager import RunScopedIOManager
 
 HYDRATED = dg.AssetKey(["model_instance", "hydrated"])
 CANDIDATES = dg.AssetKey(["model_instance", "candidates"])

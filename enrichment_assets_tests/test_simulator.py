@@ -20,7 +20,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from enrichment_assets.simulator import (
+from enrichment_assets.dev.simulator import (
     DERIVED_EDGES,
     ENTITY_TYPES,
     REFERENCES,
@@ -30,9 +30,9 @@ from enrichment_assets.simulator import (
     field_values,
     generate_graph,
 )
-from enrichment_assets.simulator.cli import simulate
-from enrichment_assets.simulator.graph import BASE_COUNTS, count_for
-from enrichment_assets.simulator.stats import RequestRecord, Stats
+from enrichment_assets.dev.simulator.cli import simulate
+from enrichment_assets.dev.simulator.graph import BASE_COUNTS, count_for
+from enrichment_assets.dev.simulator.stats import RequestRecord, Stats
 
 MDS = yaml.safe_load((Path(__file__).parents[1] / "enrichment_assets/policies/mds.yaml").read_text())
 SEED, SCALE = 7, 0.02
@@ -364,6 +364,6 @@ def test_emit_events_covers_the_graph_with_forward_references(tmp_path: Path) ->
 
 
 def test_module_entry_point_emits_events() -> None:
-    command = [sys.executable, "-m", "enrichment_assets.simulator", "--emit-events", "--scale", "0.001"]
+    command = [sys.executable, "-m", "enrichment_assets.dev.simulator", "--emit-events", "--scale", "0.001"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
     assert len(done.stdout.splitlines()) == sum(count_for(t, 0.001) for t in BASE_COUNTS)

@@ -14,7 +14,7 @@ import pytest
 
 from enrichment_assets.events import Event
 from enrichment_assets.factstore import FactStore
-from enrichment_assets.hydration.cycle import enrich_cycle
+from enrichment_assets.steps.cycle import enrich_cycle
 from enrichment_assets.hydration.pool import SourcePool
 from enrichment_assets.policy import Policy, load_policy
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from enrichment_assets.hydration.client import Fetched, SourceClient
 from enrichment_assets.policy import Policy
+
+if TYPE_CHECKING:
+    from enrichment_assets.factstore import FactStore
 
 
 class SourcePool:
@@ -26,6 +29,7 @@ class SourcePool:
         environ: Mapping[str, str] | None = None,
         transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
         rate_shares: Mapping[str, float] | None = None,
+        store: FactStore | None = None,
     ) -> None:
         self.policy = policy
         self.clients = {

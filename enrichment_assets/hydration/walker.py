@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -71,13 +71,16 @@ class WalkReport:
 
 @dataclass
 class Walk:
-    """A walked batch before it is settled: each root's outcome, and the hop entities whose stored
-    attributes the walk changed (their other referrers must be re-walked)."""
+    """A walked batch before it is settled: each root's outcome, the hop entities it fetched and their
+    references (stored by ``Walker.record``), and, once recorded, the hops whose stored attributes it
+    changed (their other referrers must be re-walked)."""
 
     entity_type: str
     outcomes: list[Outcome]
     report: WalkReport
     changed_hops: tuple[EntityKey, ...] = ()
+    hops: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    references: dict[EntityKey, list[ReferenceFact]] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,20 +93,37 @@ class _RootState:
 
 
 class Walker:
-    """Walks one entity type's policy paths for a batch of claims."""
+    """Walks one entity type's policy paths for a batch of claims.
 
-    def __init__(self, store: FactStore, policy: Policy, pool: SourcePool) -> None:
+    A batch goes through three stages: ``walk`` (source calls only), ``record`` (the hops' hydrations and
+    references stored) and ``settle`` (the roots' outcomes and edges). A driver may walk the next batch
+    while the previous one is recorded and settled; hops a walk fetched are reused by the walks after it
+    until they are recorded, so overlapping batches call a source no more often than sequential ones.
+    A walker without a pool (``pool=None``) can only record and settle.
+    """
+
+    def __init__(self, store: FactStore, policy: Policy, pool: SourcePool | None) -> None:
         self.store = store
         self.policy = policy
-        self.pool = pool
+        self._pool = pool
+        # Hops fetched by walks not yet recorded, reused by later walks as if read from the store.
+        self._pending: dict[EntityKey, dict[str, Any]] = {}
+
+    @property
+    def pool(self) -> SourcePool:
+        if self._pool is None:
+            raise RuntimeError("this walker has no source pool: it only records and settles walks")
+        return self._pool
 
     async def run(self, entity_type: str, claims: Sequence[Claim], *, owner: str) -> WalkReport:
-        """Walk a claimed batch and settle it: the whole enrichment of one batch."""
-        return await self.settle(await self.walk(entity_type, claims), owner=owner)
+        """Walk a claimed batch, record and settle it: the whole enrichment of one batch."""
+        walk = await self.walk(entity_type, claims)
+        await self.record(walk)
+        return await self.settle(walk, owner=owner)
 
     async def walk(self, entity_type: str, claims: Sequence[Claim]) -> Walk:
-        """Hydrate the claimed roots and every hop of their paths, store the hops' hydrations and
-        references, and decide each root's outcome. Nothing about the roots is written yet."""
+        """Hydrate the claimed roots and every hop of their paths and decide each root's outcome.
+        Nothing is written: ``record`` stores the hops, ``settle`` the roots."""
         effective = self.policy.effective(entity_type)
         report = WalkReport(entity_type, claimed=len(claims))
         memo: dict[EntityKey, Fetched] = {}
@@ -115,27 +135,38 @@ class Walker:
 
         hops = [(t, i, f.body) for (t, i), f in memo.items()
                 if f.status == "found" and f.body is not None and (t, i) not in roots and not isinstance(f, _Reused)]
-        references = self._references(memo)
-        changed_hops = await asyncio.to_thread(self.store.record_walk, hops, references)
-
+        for entity_type_, entity_id, body in hops:
+            self._pending[(entity_type_, entity_id)] = body
         now = self.store.now()
         outcomes = [self._outcome(state, memo[key], now) for key, state in roots.items()]
         outcomes += [Outcome.of(c, "deleted") for c in claims if c.state == "deleted"]
-        return Walk(entity_type, outcomes, report, tuple(changed_hops))
+        return Walk(entity_type, outcomes, report, hops=hops, references=self._references(memo))
+
+    async def record(self, walk: Walk, *, exclude: Iterable[EntityKey] = ()) -> None:
+        """Store a walk's hop hydrations and references, then make due again the settled roots whose
+        paths went through a hop whose attributes changed (other than the walk's roots and ``exclude``)."""
+        changed = await asyncio.to_thread(self.store.record_walk, walk.hops, walk.references)
+        for entity_type, entity_id, _ in walk.hops:
+            self._pending.pop((entity_type, entity_id), None)
+        walk.changed_hops = tuple(changed)
+        if changed:
+            stale = await asyncio.to_thread(affected_roots, self.store, self.policy, changed)
+            skip = {o.key for o in walk.outcomes} | set(exclude)
+            walk.report.propagated += await asyncio.to_thread(self.store.mark_dirty, stale - skip)
 
     async def settle(self, walk: Walk, *, owner: str) -> WalkReport:
-        """Record a walk's outcomes with their edges and release the claims (one transaction), then make
-        the settled roots whose paths went through a changed entity due again."""
+        """Store a recorded walk's outcomes with their edges and release the claims (one transaction),
+        then make the settled roots whose paths went through a root whose attributes changed due again."""
         effective = self.policy.effective(walk.entity_type)
         retry = RetryPolicy(max_attempts=effective.max_attempts, base_delay=effective.retry_base_delay,
                             max_delay=effective.retry_max_delay)
         report = walk.report
         report.result = await asyncio.to_thread(self.store.finish, owner, walk.outcomes, retry)
         roots = {o.key for o in walk.outcomes}
-        changed = [*walk.changed_hops, *report.result.attributes_changed]
+        changed = list(report.result.attributes_changed)
         if changed:
             stale = await asyncio.to_thread(affected_roots, self.store, self.policy, changed)
-            report.propagated = await asyncio.to_thread(self.store.mark_dirty, stale - roots)
+            report.propagated += await asyncio.to_thread(self.store.mark_dirty, stale - roots)
         report.changed = roots - set(report.result.lost)
         for change in report.result.edge_changes:
             report.changed.update(change.ends)
@@ -147,7 +178,9 @@ class Walker:
         if not needed:
             return
         ttl = self.policy.effective(entity_type).hydration_ttl
-        fresh = await asyncio.to_thread(self.store.fresh_attributes, entity_type, needed, ttl)
+        pending = {i: self._pending[(entity_type, i)] for i in needed if (entity_type, i) in self._pending}
+        fresh = pending | await asyncio.to_thread(
+            self.store.fresh_attributes, entity_type, [i for i in needed if i not in pending], ttl)
         for entity_id, attributes in fresh.items():
             memo[(entity_type, entity_id)] = _Reused("found", attributes)
         report.cache_hits += len(fresh)

@@ -1,0 +1,1 @@
+"""The code location: a thin Dagster adapter over the enrichment steps."""

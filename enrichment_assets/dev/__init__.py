@@ -1,0 +1,1 @@
+"""Local tooling, apart from the code location: the source simulator, dev servers, the demo and LocalDagster."""

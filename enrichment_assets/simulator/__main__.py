@@ -1,8 +1,0 @@
-"""``python -m enrichment_assets.simulator``: the ``simulate`` command on its own."""
-
-from __future__ import annotations
-
-from enrichment_assets.simulator.cli import simulate
-
-if __name__ == "__main__":
-    simulate(prog_name="python -m enrichment_assets.simulator")
