@@ -19,7 +19,10 @@ connection checked out in another process than the one that opened it is discard
         class: PooledPostgresStorage
         config: {postgres_url: "postgresql://..."}   # or the postgres_db block of storage: postgres
 
-Built on ``dagster-postgres`` internals (each storage's ``_engine``), so tied to the pinned release.
+Built on ``dagster-postgres`` internals (each storage's ``_engine``, ``_token_provider`` and
+``postgres_url``), so tied to the pinned release: a storage whose internals have moved raises
+``DagsterPostgresInternalsChanged`` when the instance is built, rather than running unpooled or half
+swapped. Local tooling only; production runs ``storage: postgres`` (see deploy/).
 """
 
 from __future__ import annotations
@@ -31,10 +34,42 @@ import sqlalchemy as sa
 from dagster._serdes import ConfigurableClassData
 from dagster_postgres import DagsterPostgresStorage, PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 from dagster_postgres.utils import create_pg_engine, get_token_provider_from_config, pg_url_from_config
+from dagster_postgres.version import __version__ as DAGSTER_POSTGRES_VERSION
 
 POOL_SIZE = 1
 MAX_OVERFLOW = 8
 POOL_RECYCLE_SECONDS = 3600
+
+# The release whose internals this module was written against (pyproject.toml pins it).
+WRITTEN_FOR_DAGSTER_POSTGRES = "0.29.27"
+# What each storage must still hold after dagster-postgres's __init__: attribute -> expected type.
+PRIVATE_ATTRIBUTES: dict[str, type | None] = {"_engine": sa.Engine, "postgres_url": str, "_token_provider": None}
+
+
+class DagsterPostgresInternalsChanged(RuntimeError):
+    """The installed dagster-postgres no longer has an internal attribute PooledPostgresStorage replaces."""
+
+
+def check_private_attributes(storage: Any) -> None:
+    """Raise ``DagsterPostgresInternalsChanged`` unless ``storage`` has every attribute the pool swap uses.
+
+    ``_token_provider`` may be ``None`` (password auth) but must exist; the others must have their type.
+    """
+    owner = next((c.__name__ for c in type(storage).__mro__ if c.__module__.startswith("dagster_postgres")),
+                 type(storage).__name__)
+    for name, expected in PRIVATE_ATTRIBUTES.items():
+        if not hasattr(storage, name):
+            found = "is missing"
+        elif expected is not None and not isinstance(getattr(storage, name), expected):
+            found = f"is {type(getattr(storage, name)).__name__}, not {expected.__name__},"
+        else:
+            continue
+        raise DagsterPostgresInternalsChanged(
+            f"PooledPostgresStorage replaces the private attribute {owner}.{name}, which {found} in the installed "
+            f"dagster-postgres {DAGSTER_POSTGRES_VERSION}; enrichment_assets/dev/dagster_storage.py was written "
+            f"for dagster-postgres {WRITTEN_FOR_DAGSTER_POSTGRES}. Pin dagster-postgres=={WRITTEN_FOR_DAGSTER_POSTGRES} "
+            "with its Dagster release, update dagster_storage.py, or use `storage: postgres` (unpooled)."
+        )
 
 
 def pooled_engine(storage: Any) -> sa.Engine:
@@ -72,6 +107,7 @@ class _Pooled:
     _engine: sa.Engine
 
     def _use_pool(self) -> None:
+        check_private_attributes(self)
         nullpool = self._engine
         self._engine = pooled_engine(self)
         nullpool.dispose()
