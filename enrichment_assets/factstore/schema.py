@@ -136,3 +136,26 @@ waits = sa.Table(
     sa.Column("since", UTCDateTime, nullable=False),
     sa.Index("ix_waits_target", "target_type", "target_id"),
 )
+
+# Each source's rate and concurrency limits, shared by every process that calls it (``budgets.py``).
+source_budgets = sa.Table(
+    "source_budgets",
+    metadata,
+    sa.Column("source", sa.String(128), primary_key=True),
+    # The end of the last span of request starts handed out; the next span begins here or now.
+    sa.Column("booked_until", UTCDateTime, nullable=False),
+    # Requests/second the last booking was paced at, for a reader of the table.
+    sa.Column("rate", sa.Float, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+source_slots = sa.Table(
+    "source_slots",
+    metadata,
+    sa.Column("source", sa.String(128), primary_key=True),
+    sa.Column("slot", sa.Integer, primary_key=True, autoincrement=False),
+    # A slot is free once its lease has expired; the holder stays recorded so that a process handing a
+    # slot back for fairness can be kept from taking it again at once.
+    sa.Column("holder", sa.String(128), nullable=True),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+)
