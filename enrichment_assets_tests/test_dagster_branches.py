@@ -320,6 +320,37 @@ def test_sensor_leaves_a_queued_run_alone_and_gives_a_started_runs_leftovers_the
     assert pairs(result)[pair].endswith("|5"), "its due set counts only the 5 entities nobody has leased"
 
 
+def test_sensor_asks_for_parallel_runs_of_a_type_whose_due_set_is_more_than_one_run_claims(
+    database: str, live_store: FactStore, graph: MdsGraph, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ENRICHMENT_DATABASE_URL", database)
+    monkeypatch.setenv("ENRICHMENT_RUN_CLAIM_LIMIT", "10")
+    monkeypatch.setenv("ENRICHMENT_MAX_RUNS_PER_TYPE", "3")
+    monkeypatch.setenv("ENRICHMENT_SENSOR_MAX_PAIRS", "100")
+    defs = build_definitions(MDS)
+    ingest(live_store, graph)
+    due = {w.entity_type: w.due for w in live_store.due_work()}
+    assert due["model_instance"] > 30 and 10 < due["model"] <= 20, "the graph's sizes this test relies on"
+    with dg.instance_for_test() as instance:
+        result = evaluate_sensor(defs, instance, database)
+        runs = [r for r in result.run_requests if "model_instance" in r.tags[TYPES_TAG].split(",")]
+        assert len(runs) == 3, "as many runs as the due set needs, capped by ENRICHMENT_MAX_RUNS_PER_TYPE"
+        assert len({r.run_key for r in result.run_requests}) == len(result.run_requests)
+        assert sorted(r.tags["enrichment/slot"] for r in runs) == ["0", "1", "2"]
+        assert all(r.run_config["ops"]["model_instance__candidates"]["config"]["limit"] == 10 for r in runs), \
+            "each run claims the limit the sensor counted with"
+        assert len([r for r in result.run_requests if "model" in r.tags[TYPES_TAG].split(",")]) == 2
+
+        # Three runs of the type in flight: the cap holds until one of them ends.
+        job = defs.resolve_job_def(ENRICHMENT_JOB)
+        for request in runs:
+            instance.create_run_for_job(job, run_config={}, status=dg.DagsterRunStatus.STARTED,
+                                        tags={"dagster/partition": today(), TYPES_TAG: "model_instance"})
+        live_store.claim("model_instance", limit=30, owner="dagster:started", lease=timedelta(minutes=5))
+        held = evaluate_sensor(defs, instance, database, cursor=result.cursor)
+        assert not [r for r in held.run_requests if "model_instance" in r.tags[TYPES_TAG].split(",")]
+
+
 def test_sensor_asks_again_for_a_due_set_whose_run_failed(
     defs: dg.Definitions, database: str, live_store: FactStore, graph: MdsGraph
 , monkeypatch: pytest.MonkeyPatch) -> None:

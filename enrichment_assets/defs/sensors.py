@@ -27,6 +27,7 @@ from enrichment_assets.defs.names import (
     branch_types,
     due_tag,
     job_name,
+    step_key,
 )
 from enrichment_assets.defs.partitions import partition_key
 from enrichment_assets.defs.resources import FactStoreResource
@@ -38,14 +39,30 @@ IN_FLIGHT = [*NOT_STARTED, dg.DagsterRunStatus.STARTED]
 DEFAULT_MAX_RUNS_PER_TYPE = 4
 
 
+def _positive_env(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise dg.DagsterInvariantViolationError(f"{name} must be a positive integer, not {raw!r}")
+    return int(raw)
+
+
 def max_runs_per_type() -> int:
     """``ENRICHMENT_MAX_RUNS_PER_TYPE``: how many runs of one type may be in flight at once (default 4)."""
-    raw = os.environ.get("ENRICHMENT_MAX_RUNS_PER_TYPE", "")
-    if not raw:
-        return DEFAULT_MAX_RUNS_PER_TYPE
-    if not raw.isdigit() or int(raw) < 1:
-        raise dg.DagsterInvariantViolationError(f"ENRICHMENT_MAX_RUNS_PER_TYPE must be a positive integer, not {raw!r}")
-    return int(raw)
+    return _positive_env("ENRICHMENT_MAX_RUNS_PER_TYPE", DEFAULT_MAX_RUNS_PER_TYPE)
+
+
+def run_claim_limit() -> int:
+    """``ENRICHMENT_RUN_CLAIM_LIMIT``: how many due entities of a type one sensor run claims (default
+    5,000). The sensor passes it to the runs it asks for, so it knows how many runs a due set needs."""
+    return _positive_env("ENRICHMENT_RUN_CLAIM_LIMIT", RUN_CLAIM_LIMIT)
+
+
+def candidates_config(entity_types: Iterable[str], limit: int) -> dict[str, Any]:
+    """Run config giving each type's candidates step the claim limit the sensor counted with."""
+    return {"ops": {f"{step_key(t, 'candidates').to_python_identifier()}": {"config": {"limit": limit}}
+                    for t in entity_types}}
 
 
 @dataclass(frozen=True)
@@ -89,7 +106,7 @@ def due_requests(
     skip_keys: dict[str, str] | None = None,
     entity_types: Iterable[str] | None = None,
     max_runs: int | None = None,
-    run_limit: int = RUN_CLAIM_LIMIT,
+    run_limit: int | None = None,
 ) -> tuple[list[dg.RunRequest], dict[str, str], list[DueWork]]:
     """Run requests for the (type, partition) pairs with due work, oldest window first.
 
@@ -108,6 +125,7 @@ def due_requests(
                                      refresh_intervals=intervals) if w.entity_type in types]
     flight = in_flight(instance, types)
     cap = max_runs or max_runs_per_type()
+    run_limit = run_limit or run_claim_limit()
     requests: list[dg.RunRequest] = []
     keys: dict[str, str] = {}
     orphans: list[DueWork] = []
@@ -134,6 +152,7 @@ def due_requests(
                 run_key=run_key if slot == 0 else f"{run_key}|run-{slot + 1}",
                 job_name=job_name(work.entity_type),
                 partition_key=partition,
+                run_config=candidates_config([work.entity_type], run_limit),
                 tags={MODE_TAG: INCREMENTAL, TRIGGER_TAG: trigger, "entity_type": work.entity_type,
                       due_tag(work.entity_type): run_key, SLOT_TAG: str(slot)},
             ))
@@ -160,7 +179,8 @@ def combined(requests: list[dg.RunRequest], policy: Policy) -> list[dg.RunReques
             run_key=f"{partition}|{'+'.join(types)}|{digest}",
             job_name=ENRICHMENT_JOB,
             partition_key=partition,
-            asset_selection=[dg.AssetKey([t, step]) for t in types for step in BRANCH_STEPS],
+            asset_selection=[step_key(t, step) for t in types for step in BRANCH_STEPS],
+            run_config={"ops": {k: v for r in group for k, v in r.run_config.get("ops", {}).items()}},
             tags={**{k: v for r in group for k, v in r.tags.items() if k != "entity_type"}, TYPES_TAG: ",".join(types)},
         ))
     return merged
@@ -186,7 +206,7 @@ def build_sensor(policy: Policy, jobs: list[Any]) -> dg.SensorDefinition:
         description="Requests incremental runs of the enrichment job per partition with due work, "
         "selecting the branch of every entity type due in it: new uncached entities, partial ones due for "
         "retry, and those whose forward references have arrived. A type whose due set is more than one run "
-        f"claims ({RUN_CLAIM_LIMIT:,}) gets several runs at once, up to ENRICHMENT_MAX_RUNS_PER_TYPE "
+        "claims (ENRICHMENT_RUN_CLAIM_LIMIT, default 5,000) gets several runs at once, up to ENRICHMENT_MAX_RUNS_PER_TYPE "
         f"(default {DEFAULT_MAX_RUNS_PER_TYPE}) in flight; leases keep them apart. Each type's due set is named "
         "in the run's tags and key, so a repeated tick launches nothing; at most "
         f"{max_pairs} per-type runs per tick (ENRICHMENT_SENSOR_MAX_PAIRS).",
