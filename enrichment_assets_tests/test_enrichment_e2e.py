@@ -275,3 +275,29 @@ def test_hostile_ids_never_leave_their_template(
         assert request["path"].count("/") == 3, request
         assert request["status"] == 404
     assert store.get_entity("team", hostile).waiting_on == [["team", hostile]]
+
+
+def test_enrich_once_workers_share_the_work_and_enrich_everything_once(
+    make_postgres_database, simulator: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``enrich-once --workers 2``: two processes claim side by side from one fact store (leases keep them
+    apart), and together they derive exactly the edges one process does."""
+    from enrichment_assets.steps.cycle import enrich_with_workers
+
+    for name, value in simulator.environ().items():
+        monkeypatch.setenv(name, value)
+    url = make_postgres_database()
+    store = FactStore.from_url(url)
+    store.migrate()
+    graph = simulator.simulator.graph.snapshot()
+    ingest_graph(store, graph)
+    result = enrich_with_workers(url, MDS, workers=2, batch_size=50)
+    assert len(result.claimed_per_worker) == 2 and all(result.claimed_per_worker), \
+        f"both workers claimed work: {result.claimed_per_worker}"
+    assert not store.due_work()
+    for status in store.status():
+        assert set(status.counts) == {"fully_enriched"}, status
+    for entity_type in MDS.policies:
+        for entity_id in graph.ids(entity_type):
+            assert derived(store, entity_type, entity_id) == expected(graph, entity_type, entity_id)
+    store.dispose()

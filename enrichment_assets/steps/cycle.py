@@ -38,7 +38,8 @@ class CycleResult:
     reports: list[WalkReport]
     sources: dict[str, dict[str, Any]]
     indexed: IndexReport | None = None
-    workers: int = 1
+    # Entities each worker claimed (one entry per worker process).
+    claimed_per_worker: tuple[int, ...] = ()
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.reports, self.sources, self.indexed))
@@ -191,4 +192,5 @@ def _merge(results: list[CycleResult]) -> CycleResult:
                         merged[k] = merged.get(k, 0) + v
         if result.indexed is not None and indexed is not None:
             indexed.merge(result.indexed)
-    return CycleResult(list(by_type.values()), sources, indexed, workers=len(results))
+    claimed = tuple(sum(r.claimed for r in result.reports) for result in results)
+    return CycleResult(list(by_type.values()), sources, indexed, claimed_per_worker=claimed)
