@@ -37,53 +37,56 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(store: FactStore, settings: Settings, search: SearchIndex | None = None) -> Starlette:
-    """Build the app around an open, migrated fact store (and a search index, for /v1/search)."""
+class _Handlers:
+    """The routes' handlers over one fact store, its settings and an optional search index."""
 
-    def _authorized(request: Request) -> bool:
-        if settings.api_token is None:
+    def __init__(self, store: FactStore, settings: Settings, search: SearchIndex | None) -> None:
+        self.store, self.settings, self.search = store, settings, search
+
+    def _authorized(self, request: Request) -> bool:
+        if self.settings.api_token is None:
             return True
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(
-            presented.strip().encode(), settings.api_token.encode()
+            presented.strip().encode(), self.settings.api_token.encode()
         )
 
-    async def _read_body(request: Request) -> bytes:
+    async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
+        if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
             raise _TooLarge
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > settings.max_body_bytes:
+            if size > self.settings.max_body_bytes:
                 raise _TooLarge
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _ingest(body: bytes) -> IngestResult:
+    def _ingest(self, body: bytes) -> IngestResult:
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as error:
             raise EventBatchError(400, [Problem(0, f"body is not UTF-8 (byte {error.start})")]) from None
-        events = parse_events(text, entity_types=settings.entity_types, max_events=settings.max_events)
-        return store.ingest_events(events)
+        events = parse_events(text, entity_types=self.settings.entity_types, max_events=self.settings.max_events)
+        return self.store.ingest_events(events)
 
-    async def post_events(request: Request) -> JSONResponse:
-        if not _authorized(request):
+    async def post_events(self, request: Request) -> JSONResponse:
+        if not self._authorized(request):
             return JSONResponse(
                 {"error": "missing or invalid bearer token"},
                 status_code=401,
                 headers={"WWW-Authenticate": 'Bearer realm="enrichment"'},
             )
         try:
-            body = await _read_body(request)
+            body = await self._read_body(request)
         except _TooLarge:
             return JSONResponse(
-                {"error": f"body larger than {settings.max_body_bytes} bytes; split the batch"}, status_code=413
+                {"error": f"body larger than {self.settings.max_body_bytes} bytes; split the batch"}, status_code=413
             )
         try:
-            result = await run_in_threadpool(_ingest, body)
+            result = await run_in_threadpool(self._ingest, body)
         except EventBatchError as error:
             return JSONResponse(error.as_dict(), status_code=error.status)
         except sa.exc.SQLAlchemyError as error:
@@ -93,17 +96,17 @@ def create_app(store: FactStore, settings: Settings, search: SearchIndex | None 
             )
         return JSONResponse({"accepted": True, **result.as_dict()}, status_code=202)
 
-    async def get_entity(request: Request) -> JSONResponse:
+    async def get_entity(self, request: Request) -> JSONResponse:
         entity_type = request.path_params["entity_type"]
         entity_id = request.path_params["entity_id"]
-        record = await run_in_threadpool(store.get_entity, entity_type, entity_id)
+        record = await run_in_threadpool(self.store.get_entity, entity_type, entity_id)
         if record is None:
             return JSONResponse(
                 {"error": f"no entity {entity_type}/{entity_id} in the fact store"}, status_code=404
             )
-        return JSONResponse(entity_document(record, store.now()))
+        return JSONResponse(entity_document(record, self.store.now()))
 
-    async def get_edges(request: Request) -> JSONResponse:
+    async def get_edges(self, request: Request) -> JSONResponse:
         entity_type = request.path_params["entity_type"]
         entity_id = request.path_params["entity_id"]
         relation = request.query_params.get("relation") or None
@@ -118,7 +121,7 @@ def create_app(store: FactStore, settings: Settings, search: SearchIndex | None 
         if not 1 <= limit <= MAX_EDGE_LIMIT:
             return JSONResponse({"error": f"limit must be an integer from 1 to {MAX_EDGE_LIMIT}"}, status_code=400)
         found = await run_in_threadpool(
-            partial(store.entity_edges, relation=relation, direction=direction, limit=limit),  # type: ignore[arg-type]
+            partial(self.store.entity_edges, relation=relation, direction=direction, limit=limit),  # type: ignore[arg-type]
             entity_type, entity_id)
         if found is None:
             return JSONResponse({"error": f"no entity {entity_type}/{entity_id} in the fact store"}, status_code=404)
@@ -127,7 +130,7 @@ def create_app(store: FactStore, settings: Settings, search: SearchIndex | None 
             "entity_id": entity_id,
             "state": found.state,
             "last_enriched_at": _iso(found.last_enriched_at),
-            "staleness_seconds": found.staleness_seconds(store.now()),
+            "staleness_seconds": found.staleness_seconds(self.store.now()),
             # Partial: some paths wait on entities not there yet, so these edges may be incomplete.
             "partial": found.state == "partially_resolved",
             "direction": direction,
@@ -139,8 +142,8 @@ def create_app(store: FactStore, settings: Settings, search: SearchIndex | None 
             ],
         })
 
-    async def search_entities(request: Request) -> JSONResponse:
-        if search is None:
+    async def search_entities(self, request: Request) -> JSONResponse:
+        if self.search is None:
             return JSONResponse({"error": "search is not configured: set ELASTICSEARCH_URL"}, status_code=503)
         query = request.query_params.get("q", "")
         entity_type = request.query_params.get("type") or None
@@ -149,35 +152,38 @@ def create_app(store: FactStore, settings: Settings, search: SearchIndex | None 
         except ValueError:
             return JSONResponse({"error": "size must be an integer"}, status_code=400)
         try:
-            hits = await run_in_threadpool(search.search, query, entity_type=entity_type, size=size)
+            hits = await run_in_threadpool(self.search.search, query, entity_type=entity_type, size=size)
         except (ApiError, TransportError) as error:
             log.error("search failed: %s", type(error).__name__)
             return JSONResponse({"error": "search index unavailable; retry"}, status_code=503)
-        now = store.now()
+        now = self.store.now()
         return JSONResponse({"hits": [
             {**{k: hit.get(k) for k in ("entity_type", "entity_id", "name", "state", "version", "last_enriched_at")},
              "staleness_seconds": _staleness(hit.get("last_enriched_at"), now)}
             for hit in hits
         ]})
 
-    async def healthz(_request: Request) -> JSONResponse:
+    async def healthz(self, _request: Request) -> JSONResponse:
         try:
-            await run_in_threadpool(_ping, store)
+            await run_in_threadpool(_ping, self.store)
         except sa.exc.SQLAlchemyError as error:
             return JSONResponse({"status": "unavailable", "fact_store": type(error).__name__}, status_code=503)
         return JSONResponse({"status": "ok", "fact_store": "ok"})
 
+
+def create_app(store: FactStore, settings: Settings, search: SearchIndex | None = None) -> Starlette:
+    """Build the app around an open, migrated fact store (and a search index, for /v1/search)."""
+    handlers = _Handlers(store, settings, search)
     return Starlette(
         routes=[
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/v1/events", post_events, methods=["POST"]),
-            Route("/v1/search", search_entities, methods=["GET"]),
+            Route("/healthz", handlers.healthz, methods=["GET"]),
+            Route("/v1/events", handlers.post_events, methods=["POST"]),
+            Route("/v1/search", handlers.search_entities, methods=["GET"]),
             # Before the plain entity route: ids may hold '/', so ".../edges" must match here first.
-            Route("/v1/entities/{entity_type}/{entity_id:path}/edges", get_edges, methods=["GET"]),
-            Route("/v1/entities/{entity_type}/{entity_id:path}", get_entity, methods=["GET"]),
+            Route("/v1/entities/{entity_type}/{entity_id:path}/edges", handlers.get_edges, methods=["GET"]),
+            Route("/v1/entities/{entity_type}/{entity_id:path}", handlers.get_entity, methods=["GET"]),
         ]
     )
-
 
 def entity_document(record: EntityRecord, now: datetime) -> dict[str, Any]:
     """The JSON shape of an entity, with its staleness made explicit."""
