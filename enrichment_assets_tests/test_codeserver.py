@@ -11,7 +11,7 @@ import pytest
 from dagster._grpc.server import DagsterApiServer
 from dagster._core.utils import FuturesAwareThreadPoolExecutor
 
-from enrichment_assets import codeserver
+from enrichment_assets.dev import codeserver
 
 
 def test_run_workers_fork_from_a_preloaded_server(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -71,7 +71,7 @@ def assert_launches_side_by_side(instance: dg.DagsterInstance, *, max_runs: int)
     assert coordinator.dequeue_use_threads and coordinator.dequeue_num_workers == 4
     assert coordinator.dequeue_interval_seconds == 2
     assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == max_runs
-    assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+    assert instance.get_concurrency_config().pool_config.default_pool_limit is None, "no pools: source limits live in the fact store"
 
 
 def test_local_instance_config_loads_with_threaded_dequeue(tmp_path: Path) -> None:

@@ -108,7 +108,7 @@ def test_field_paths(text: str, segments: tuple[tuple[str, bool], ...]) -> None:
 def test_cli_validate(tmp_path: Path) -> None:
     ok = CliRunner().invoke(main, ["policy", "validate", str(SHIPPED_POLICY)])
     assert ok.exit_code == 0 and "is valid" in ok.output and "evaluated_in" in ok.output
-    assert "Dagster branches" in ok.output and "source_model_registry" in ok.output
+    assert "Dagster branches" in ok.output and "model_registry" in ok.output
     things = CliRunner().invoke(main, ["policy", "validate", str(Path(__file__).parent / "policies" / "things.yaml")],
                                 env={"COLUMNS": "200"})
     assert "no policy: hydrated only as a hop" in " ".join(things.output.split())
