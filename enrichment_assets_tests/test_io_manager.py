@@ -1,30 +1,39 @@
 """The run-scoped IO manager: two runs of one partition keep their own step outputs, a step reads
 what its upstream step wrote in the run that produced it, a reader never sees a half-written file, and
 run directories past their retention are removed, on a local disk and on fsspec's in-memory filesystem
-alike; and the base path comes from the field, the environment or the instance."""
+alike; the base path comes from the field, the environment or the instance; and a re-execution from
+failure in another process, with another DAGSTER_HOME, reads its parent's outputs from the shared base
+path."""
 
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 import pytest
+import yaml
 from fsspec.implementations.local import LocalFileSystem
+from sqlalchemy.engine import make_url
 from upath import UPath
 
 from enrichment_assets.defs.definitions import defs
 from enrichment_assets.defs.io_manager import BASE_PATH_ENV, RunScopedIOManager, RunScopedPickleIOManager
+from enrichment_assets_tests import reexec_defs
 
+ROOT = Path(__file__).resolve().parents[1]
 HYDRATED = dg.AssetKey(["model_instance", "hydrated"])
 CANDIDATES = dg.AssetKey(["model_instance", "candidates"])
-PARTITION = "2026-03-14"
+PARTITION = reexec_defs.PARTITION
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -137,3 +146,53 @@ def test_a_run_passes_its_frames_through_any_filesystem_and_only_within_the_run(
 
 def test_the_code_location_binds_it_for_every_asset() -> None:
     assert isinstance(defs.resources["io_manager"], RunScopedIOManager)
+
+
+def _run_in_pod(home: Path, env: dict[str, str], *argv: str) -> str:
+    """Run ``reexec_defs.main`` in a process of its own, as a run worker in its own pod would."""
+    code = "import sys; from enrichment_assets_tests.reexec_defs import main; main(sys.argv[1:])"
+    done = subprocess.run([sys.executable, "-c", code, *argv], check=False, cwd=ROOT,
+                          env={**env, "DAGSTER_HOME": str(home)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.split()[-1]
+
+
+def test_a_reexecution_in_another_pod_reads_its_parents_outputs_from_the_shared_base_path(
+    make_postgres_database: Callable[[], str], tmp_path: Path
+) -> None:
+    """The first run fails in pod A (its own DAGSTER_HOME); A is gone when pod B (another DAGSTER_HOME,
+    the same run storage) re-executes from the failure, and B reads the parent's frames from the base
+    path both share (a directory standing in for a bucket)."""
+    storage_url = make_url(make_postgres_database()).set(drivername="postgresql+psycopg2").render_as_string(
+        hide_password=False)
+    homes = {pod: tmp_path / pod for pod in ("pod_a", "pod_b")}
+    for home in homes.values():
+        home.mkdir()
+        (home / "dagster.yaml").write_text(yaml.safe_dump(
+            {"storage": {"postgres": {"postgres_url": storage_url}}, "telemetry": {"enabled": False}}))
+    shared, marker, computed = tmp_path / "bucket", tmp_path / "fail-once", tmp_path / "computed.log"
+    marker.touch()
+    env = {**os.environ, BASE_PATH_ENV: str(shared), "REEXEC_FAIL_MARKER": str(marker),
+           "REEXEC_COMPUTED_LOG": str(computed)}
+
+    failed = _run_in_pod(homes["pod_a"], env, "execute")
+    assert not marker.exists(), "the first run reached hydrated and failed there"
+    assert (shared / failed / "reexec" / "candidates" / reexec_defs.PARTITION).is_file()
+    assert not (homes["pod_a"] / "storage" / "runs").exists(), "nothing was stored on pod A's disk"
+    shutil.rmtree(homes["pod_a"])  # the pod is gone, and its disk with it
+
+    rerun = _run_in_pod(homes["pod_b"], env, "reexecute", failed)
+
+    with dg.DagsterInstance.from_config(str(homes["pod_b"])) as instance:
+        assert instance.get_run_by_id(failed).status == dg.DagsterRunStatus.FAILURE
+        run = instance.get_run_by_id(rerun)
+        failures = [e.dagster_event.event_specific_data.error.to_string() for e in instance.all_logs(rerun)
+                    if e.dagster_event and e.dagster_event.is_step_failure]
+        assert run.status == dg.DagsterRunStatus.SUCCESS, failures
+        assert run.parent_run_id == failed
+        assert run.tags["dagster/partition"] == reexec_defs.PARTITION
+    assert computed.read_text().split() == [failed], "the re-execution loaded candidates, not computed them"
+    assert not (shared / rerun / "reexec" / "candidates").exists()
+    edges = pickle.loads((shared / rerun / "reexec" / "edges" / reexec_defs.PARTITION).read_bytes())
+    assert set(edges["claimed_in"]) == {failed} and edges["name"].tolist() == ["one", "two"]
