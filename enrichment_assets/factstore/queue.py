@@ -242,3 +242,14 @@ def finish_statement(
             claim_expires_at=None,
         )
     )
+
+
+def release_owners(conn: sa.Connection, owners: Sequence[str]) -> int:
+    """Clear the leases ``owners`` hold, as if never claimed (the attempt is given back)."""
+    stmt = (
+        sa.update(entities)
+        .where(entities.c.claim_owner.in_(owners))
+        .values(claim_owner=None, claim_expires_at=None, attempts=sa.func.max(entities.c.attempts - 1, 0)
+                if conn.dialect.name == "sqlite" else sa.func.greatest(entities.c.attempts - 1, 0))
+    )
+    return conn.execute(stmt).rowcount

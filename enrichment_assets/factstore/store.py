@@ -12,15 +12,14 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
 
 from enrichment_assets.events import Event
-from enrichment_assets.factstore import arrays, discovery, graph, ingest, migrations, outbox, queue, reads
+from enrichment_assets.factstore import arrays, discovery, graph, ingest, migrations, queue, reads
 from enrichment_assets.factstore.discovery import Granularity
 from enrichment_assets.factstore.engine import create_engine, create_read_engine
 from enrichment_assets.factstore.models import (
@@ -39,6 +38,7 @@ from enrichment_assets.factstore.models import (
     TypeStatus,
 )
 from enrichment_assets.factstore.schema import EntityState, entities
+from enrichment_assets.factstore.store_outbox import OutboxMethods
 
 # PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back whole.
 _RETRYABLE = frozenset({"40P01", "40001"})
@@ -61,7 +61,7 @@ class ClaimError(RuntimeError):
     """A claim operation was refused (for example, an empty owner)."""
 
 
-class FactStore:
+class FactStore(OutboxMethods):
     """Entities, references and edges, with the claim-and-process queue on top.
 
     ``clock`` and ``rng`` are injectable so tests can expire leases and check backoff without sleeping.
@@ -270,6 +270,12 @@ class FactStore:
         return self._update_held(owner, keys, claim_owner=None, claim_expires_at=None,
                                  attempts=entities.c.attempts - 1)
 
+    def release_owners(self, owners: Sequence[str]) -> int:
+        """Give back, untried, every claim the given owners hold (runs that failed or were canceled, and
+        will not settle them); returns how many. The next claim takes those entities at once."""
+        ordered = sorted(set(owners))
+        return self._write(lambda conn: queue.release_owners(conn, ordered)) if ordered else 0
+
     def renew(self, owner: str, keys: Iterable[EntityKey], lease: timedelta) -> int:
         """Extend the lease on claims still held by ``owner``; returns how many were still held."""
         return self._update_held(owner, keys, claim_expires_at=self._clock() + lease)
@@ -408,50 +414,6 @@ class FactStore:
         """Seconds from first seen to last enriched, for every enriched entity, ascending."""
         with self.engine.connect() as conn:
             return reads.enrichment_lags(conn)
-
-    # -- the search outbox ---------------------------------------------------------------------------
-
-    def draining_outbox(self, *, wait: bool = True) -> AbstractContextManager[bool]:
-        """Hold the search outbox's drain lock (``outbox.drain_lock``): one drain at a time across
-        every process. The context yields whether it is held; with ``wait=False`` it is not taken when
-        another drain holds it."""
-        return outbox.drain_lock(self.engine, wait=wait)
-
-    def index_backlog(self, *, limit: int) -> list[EntityKey]:
-        """Entities whose search document is behind the fact store."""
-        with self.engine.connect() as conn:
-            return outbox.backlog(conn, limit)
-
-    def document_sources(self, keys: Sequence[EntityKey], *, cap: int = outbox.RELATIONSHIP_CAP
-                         ) -> list[outbox.DocumentSource]:
-        with self.engine.connect() as conn:
-            return outbox.document_sources(conn, keys, cap=cap)
-
-    def mark_indexed(self, written: Sequence[tuple[EntityKey, int]]) -> None:
-        ordered = sorted(written)
-        self._write(lambda conn: outbox.mark_indexed(conn, ordered))
-
-    def requeue_for_index(self, keys: Sequence[EntityKey]) -> None:
-        ordered = sorted(set(keys))
-        self._write(lambda conn: outbox.requeue(conn, ordered))
-
-    def document_versions_of(self, keys: Sequence[EntityKey]) -> dict[EntityKey, int]:
-        with self.engine.connect() as conn:
-            return outbox.versions_of(conn, keys)
-
-    def index_behind(self, keys: Sequence[EntityKey]) -> set[EntityKey]:
-        """Which of ``keys`` are still waiting in the search outbox."""
-        with self.engine.connect() as conn:
-            return outbox.behind(conn, keys)
-
-    def index_backlog_counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
-            return outbox.backlog_counts(conn)
-
-    def document_versions(self) -> Iterator[tuple[str, str, int, str]]:
-        """(type, id, doc_version, state) of every entity, in key order."""
-        with self.engine.connect() as conn:
-            yield from outbox.versions(conn)
 
     # -- discovery and reads ------------------------------------------------------------------------
 
