@@ -557,3 +557,34 @@ def test_run_config_that_would_claim_nothing_forever_is_refused(
                 run_config={"ops": {"feature__candidates": {"config": {field: 0}}}})
             assert not result.success, field
     assert all(live_store.get_entity("feature", f).claim_owner is None for f in graph.entities["feature"])
+
+
+def test_a_failed_or_canceled_runs_leases_are_released_unless_it_is_being_re_executed(
+    defs: dg.Definitions, database: str, live_store: FactStore, graph: MdsGraph, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from enrichment_assets.defs.run_status import release_leases
+
+    monkeypatch.setenv("ENRICHMENT_DATABASE_URL", database)
+    ingest(live_store, graph)
+    job = defs.resolve_job_def(ENRICHMENT_JOB)
+    with dg.instance_for_test() as instance:
+        failed = instance.create_run_for_job(job, run_config={}, status=dg.DagsterRunStatus.FAILURE)
+        claimed = live_store.claim("model_instance", limit=20, owner=f"dagster:{failed.run_id}",
+                                   lease=timedelta(minutes=30))
+        other = live_store.claim("model_instance", limit=5, owner="dagster:someone-else", lease=timedelta(minutes=30))
+        retry = instance.create_run_for_job(job, run_config={}, status=dg.DagsterRunStatus.STARTED,
+                                            root_run_id=failed.run_id, parent_run_id=failed.run_id,
+                                            tags={"dagster/root_run_id": failed.run_id,
+                                                  "dagster/parent_run_id": failed.run_id})
+        assert release_leases(instance, live_store, failed) is None, "its re-execution settles them"
+        instance.report_run_failed(retry)
+        assert release_leases(instance, live_store, instance.get_run_by_id(retry.run_id)) == len(claimed)
+    again = live_store.claim("model_instance", limit=1000, owner="next", lease=timedelta(minutes=30))
+    assert {c.key for c in claimed} <= {c.key for c in again}, "the next run takes them at once"
+    assert not {c.key for c in other} & {c.key for c in again}, "another run's leases are untouched"
+    assert {c.attempts for c in again if c.key in {k.key for k in claimed}} == {1}, "the attempt was given back"
+
+
+def test_the_lease_release_sensors_run_by_default(defs: dg.Definitions) -> None:
+    for name in ("leases_of_failed_runs", "leases_of_canceled_runs"):
+        assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING

@@ -33,6 +33,7 @@ from enrichment_assets.defs.names import (
     step_key,
 )
 from enrichment_assets.defs.partitions import partitions_for
+from enrichment_assets.defs.run_status import lease_owner
 from enrichment_assets.defs.resources import FactStoreResource, SearchResource, SourcesResource
 from enrichment_assets.hydration.walker import WalkReport
 from enrichment_assets.policy import Policy
@@ -100,7 +101,7 @@ def _mode(context: dg.AssetExecutionContext) -> str:
 def _owner(context: dg.AssetExecutionContext) -> str:
     """The lease owner: the first run of a re-execution family, so re-executing a failed run from its
     failed step settles the leases the original run took."""
-    return f"dagster:{context.run.root_run_id or context.run.run_id}"
+    return lease_owner(context.run)
 
 
 def _candidates(policy: Policy, entity_type: str, common: dict[str, Any]) -> dg.AssetsDefinition:

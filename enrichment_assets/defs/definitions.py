@@ -7,6 +7,7 @@ from enrichment_assets.defs.branch import build_branch, search_index_spec, sourc
 from enrichment_assets.defs.checks import build_checks
 from enrichment_assets.defs.io_manager import RunScopedIOManager
 from enrichment_assets.defs.names import CHECKS_JOB, ENRICHMENT_JOB, branch_types, job_name
+from enrichment_assets.defs.run_status import build_lease_release_sensors
 from enrichment_assets.defs.resources import FactStoreResource, SearchResource, SourcesResource
 from enrichment_assets.defs.schedules import build_schedules
 from enrichment_assets.defs.sensors import build_sensor
@@ -37,7 +38,7 @@ def build_definitions(policy: Policy) -> dg.Definitions:
         ],
         asset_checks=checks,
         jobs=[*jobs, enrichment_job, checks_job],
-        sensors=[build_sensor(policy, [enrichment_job])],
+        sensors=[build_sensor(policy, [enrichment_job]), *build_lease_release_sensors()],
         schedules=build_schedules(policy, jobs, checks_job),
         resources={
             "fact_store": FactStoreResource(database_url=dg.EnvVar("ENRICHMENT_DATABASE_URL")),
