@@ -30,7 +30,9 @@ STORAGES = [
 
 @pytest.fixture(scope="module")
 def storage_url(make_postgres_database: Callable[[], str]) -> str:
-    return make_url(make_postgres_database()).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    return (
+        make_url(make_postgres_database()).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    )
 
 
 def test_the_pinned_release_is_the_one_installed() -> None:
@@ -77,5 +79,7 @@ def test_an_attribute_of_another_type_fails_at_start(storage_url: str, monkeypat
         self._engine = object()
 
     monkeypatch.setattr(PostgresRunStorage, "__init__", init_with_other_engine)
-    with pytest.raises(DagsterPostgresInternalsChanged, match=r"PostgresRunStorage\._engine, which is object, not Engine,"):
+    with pytest.raises(
+        DagsterPostgresInternalsChanged, match=r"PostgresRunStorage\._engine, which is object, not Engine,"
+    ):
         PooledRunStorage(storage_url)

@@ -32,7 +32,12 @@ from typing import Any
 
 import sqlalchemy as sa
 from dagster._serdes import ConfigurableClassData
-from dagster_postgres import DagsterPostgresStorage, PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
+from dagster_postgres import (
+    DagsterPostgresStorage,
+    PostgresEventLogStorage,
+    PostgresRunStorage,
+    PostgresScheduleStorage,
+)
 from dagster_postgres.utils import create_pg_engine, get_token_provider_from_config, pg_url_from_config
 from dagster_postgres.version import __version__ as DAGSTER_POSTGRES_VERSION
 
@@ -55,8 +60,10 @@ def check_private_attributes(storage: Any) -> None:
 
     ``_token_provider`` may be ``None`` (password auth) but must exist; the others must have their type.
     """
-    owner = next((c.__name__ for c in type(storage).__mro__ if c.__module__.startswith("dagster_postgres")),
-                 type(storage).__name__)
+    owner = next(
+        (c.__name__ for c in type(storage).__mro__ if c.__module__.startswith("dagster_postgres")),
+        type(storage).__name__,
+    )
     for name, expected in PRIVATE_ATTRIBUTES.items():
         if not hasattr(storage, name):
             found = "is missing"
@@ -67,8 +74,9 @@ def check_private_attributes(storage: Any) -> None:
         raise DagsterPostgresInternalsChanged(
             f"PooledPostgresStorage replaces the private attribute {owner}.{name}, which {found} in the installed "
             f"dagster-postgres {DAGSTER_POSTGRES_VERSION}; enrichment_assets/dev/dagster_storage.py was written "
-            f"for dagster-postgres {WRITTEN_FOR_DAGSTER_POSTGRES}. Pin dagster-postgres=={WRITTEN_FOR_DAGSTER_POSTGRES} "
-            "with its Dagster release, update dagster_storage.py, or use `storage: postgres` (unpooled)."
+            f"for dagster-postgres {WRITTEN_FOR_DAGSTER_POSTGRES}. Pin "
+            f"dagster-postgres=={WRITTEN_FOR_DAGSTER_POSTGRES} with its Dagster release, update "
+            "dagster_storage.py, or use `storage: postgres` (unpooled)."
         )
 
 
@@ -138,16 +146,23 @@ class PooledScheduleStorage(_Pooled, PostgresScheduleStorage):
 class PooledPostgresStorage(DagsterPostgresStorage):
     """``storage: postgres`` with pooled connections; configured exactly like it."""
 
-    def __init__(self, postgres_url: str, should_autocreate_tables: bool = True,
-                 inst_data: ConfigurableClassData | None = None, token_provider: Any = None) -> None:
+    def __init__(
+        self,
+        postgres_url: str,
+        should_autocreate_tables: bool = True,
+        inst_data: ConfigurableClassData | None = None,
+        token_provider: Any = None,
+    ) -> None:
         self.postgres_url = postgres_url
         self.should_autocreate_tables = should_autocreate_tables
         self._inst_data = inst_data
         self._run_storage = PooledRunStorage(postgres_url, should_autocreate_tables, token_provider=token_provider)
-        self._event_log_storage = PooledEventLogStorage(postgres_url, should_autocreate_tables,
-                                                        token_provider=token_provider)
-        self._schedule_storage = PooledScheduleStorage(postgres_url, should_autocreate_tables,
-                                                       token_provider=token_provider)
+        self._event_log_storage = PooledEventLogStorage(
+            postgres_url, should_autocreate_tables, token_provider=token_provider
+        )
+        self._schedule_storage = PooledScheduleStorage(
+            postgres_url, should_autocreate_tables, token_provider=token_provider
+        )
         super(DagsterPostgresStorage, self).__init__()
 
     @classmethod
