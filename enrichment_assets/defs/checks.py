@@ -4,6 +4,7 @@ whether the search index agrees with the fact store."""
 # No `from __future__ import annotations` here: Dagster inspects annotations at runtime.
 
 import dagster as dg
+from elasticsearch import ApiError, TransportError
 
 from enrichment_assets.defs.names import SEARCH_INDEX_KEY, branch_types
 from enrichment_assets.policy import Policy
@@ -79,7 +80,15 @@ def _search_index_in_sync(policy: Policy) -> dg.AssetChecksDefinition:
             return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
                                        description="search is off: set ELASTICSEARCH_URL")
         store = fact_store.store
-        report = reconcile(store, index, policy)
+        try:
+            report = reconcile(store, index, policy)
+        except (ApiError, TransportError) as error:
+            backlog = sum(store.index_backlog_counts().values())
+            return dg.AssetCheckResult(
+                passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                description=f"search unavailable ({type(error).__name__}): {backlog:,} documents wait in the "
+                "outbox; the next run drains them once it answers",
+                metadata={"outbox_backlog": dg.MetadataValue.int(backlog)})
         behind = store.index_behind([*report.missing, *report.stale])
         # A document ahead of the store is divergent whatever the outbox holds: writes to it are refused.
         divergent = [k for k in [*report.missing, *report.stale] if k not in behind] + report.ahead

@@ -3,7 +3,10 @@ starts (never at import), so loading the code location needs no database, index 
 
 from __future__ import annotations
 
+import logging
+
 import dagster as dg
+from elasticsearch import TransportError
 from pydantic import PrivateAttr
 
 from enrichment_assets.factstore import FactStore
@@ -11,6 +14,8 @@ from enrichment_assets.hydration.pool import SourcePool
 from enrichment_assets.policy import Policy
 from enrichment_assets.search.index import SearchIndex
 from enrichment_assets.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class FactStoreResource(dg.ConfigurableResource):
@@ -61,7 +66,13 @@ class SearchResource(dg.ConfigurableResource):
         url = self.elasticsearch_url or settings.elasticsearch_url
         if url:
             self._index = SearchIndex.from_url(url, alias=self.index_alias or settings.index_alias)
-            self._index.ensure()
+            try:
+                self._index.ensure()
+            except TransportError as error:
+                # A search outage must not stop enrichment: documents wait in the outbox, the index
+                # step says so, and the next run drains them.
+                (context.log or log).warning("search unavailable at run start (%s); documents stay in the outbox",
+                                    type(error).__name__)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._index is not None:
