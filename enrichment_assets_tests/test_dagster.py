@@ -59,7 +59,7 @@ def test_shipped_dagster_yaml_uses_postgres_from_env(
     monkeypatch.setenv("DAGSTER_PG_PORT", str(url.port or 5432))
     shutil.copy(ROOT / "dagster.yaml", tmp_path / "dagster.yaml")
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
-        assert type(instance.run_storage).__name__ == "PooledRunStorage"  # dagster_storage.py, from the env
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage", "plain storage: postgres in production"
         assert instance.get_runs_count() == 0
         assert_launches_side_by_side(instance, max_runs=8)
 

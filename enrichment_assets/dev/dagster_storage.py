@@ -3,9 +3,9 @@
 ``dagster-postgres`` builds its run, event log and schedule storages on SQLAlchemy's ``NullPool`` (only
 the webserver swaps in a pool, through ``optimize_for_webserver``), so the daemon and every run worker
 open a new server connection for each storage call: each event a step logs, each sensor tick's reads,
-each dequeue poll. A PostgreSQL connection costs about 3 ms of server CPU to set up (a forked backend,
-authentication, catalog caches), and a staleness benchmark run opened ~6,500 of them, CPU taken from
-the same two cores that ingest and enrichment need.
+each dequeue poll. Each new PostgreSQL connection costs server CPU (a forked backend, authentication,
+catalog caches), taken on a small machine from the cores ingest and enrichment need; the README gives
+the figures measured.
 
 ``PooledPostgresStorage`` takes the same configuration as ``storage: postgres`` and gives each of the
 three storages a small pool: one connection kept per storage per process, more opened for concurrent

@@ -56,7 +56,9 @@ def instance_config(*, max_concurrent_runs: int = 4, postgres_url: str | None = 
         },
         "run_coordinator": RUN_COORDINATOR,
         # Dagster's own code-server heartbeat is slow to notice a run worker killed with its group.
-        "run_monitoring": {"enabled": True, "start_timeout_seconds": 180},
+        # Checked every 15 s (Dagster: 120), so a killed run worker is marked failed, and its leases released
+        # by the lease release sensors, within a minute.
+        "run_monitoring": {"enabled": True, "start_timeout_seconds": 180, "poll_interval_seconds": 15},
     }
     if postgres_url:
         # storage: postgres, with its connections pooled (see dagster_storage.py).
