@@ -138,21 +138,58 @@ def test_writes_need_the_token_and_it_never_leaks(store: FactStore, caplog: pyte
     assert TOKEN not in repr(Settings(api_token=TOKEN))
 
 
+READ_TOKEN = "r34d-token-value-1a2b3c"
+
+
+def test_reads_need_the_read_token_and_it_never_leaks(store: FactStore, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    store.ingest_events([Event(entity_type="thing", entity_id="a", event_type="created")])
+    reads = ["/v1/entities/thing/a", "/v1/entities/thing/a/edges", "/v1/search?q=a"]
+    with (
+        serve(store, api_token=TOKEN, read_token=READ_TOKEN) as server,
+        httpx.Client(base_url=server.url, timeout=10) as client,
+    ):
+        refused = [
+            client.get(path, headers=headers)
+            for path in reads
+            for headers in ({}, {"authorization": f"Bearer {TOKEN}"}, {"authorization": f"Bearer {READ_TOKEN}x"})
+        ]
+        allowed = [client.get(path, headers={"authorization": f"bearer  {READ_TOKEN}"}) for path in reads]
+        open_routes = [client.get("/healthz"), client.get("/openapi.json")]
+        write_with_read_token = client.post(
+            "/v1/events", json=ev("b"), headers={"authorization": f"Bearer {READ_TOKEN}"}
+        )
+    assert {(r.status_code, r.json()["error"]) for r in refused} == {(401, "missing or invalid bearer token")}
+    assert {r.headers["www-authenticate"] for r in refused} == {'Bearer realm="enrichment"'}
+    assert [r.status_code for r in allowed] == [200, 200, 503], "search is not configured here"
+    assert [r.status_code for r in open_routes] == [200, 200]
+    assert write_with_read_token.status_code == 401, "each token opens its own door"
+    everything = [*refused, *allowed, *open_routes, write_with_read_token]
+    assert all(READ_TOKEN not in r.text and READ_TOKEN not in str(r.headers) for r in everything)
+    assert READ_TOKEN not in caplog.text
+    assert READ_TOKEN not in repr(Settings(read_token=READ_TOKEN))
+
+
 def test_edges_endpoint_reports_provenance_staleness_and_partial(store: FactStore, clock) -> None:
     from enrichment_assets.factstore import DerivedEdge
 
     store.ingest_events([Event(entity_type="thing", entity_id="t/1", event_type="created")])
     [claim] = store.claim("thing", limit=1, owner="w", lease=timedelta(minutes=1))
     edge = DerivedEdge("near", "other", "o1", (("thing", "t/1"), ("other", "hop"), ("other", "o1")))
-    store.finish("w", [Outcome.of(claim, "partial", attributes={}, edges=(edge,), waiting_on=(("other", "o2"),))],
-                 RetryPolicy())
+    store.finish(
+        "w", [Outcome.of(claim, "partial", attributes={}, edges=(edge,), waiting_on=(("other", "o2"),))], RetryPolicy()
+    )
     clock.advance(seconds=30)
     with serve(store) as server, httpx.Client(base_url=server.url, timeout=10) as client:
         answer = client.get("/v1/entities/thing/t%2F1/edges").json()
         assert answer["partial"] is True and answer["state"] == "partially_resolved"
         assert answer["staleness_seconds"] is None, "never fully enriched"
         [only] = answer["edges"]
-        assert (only["relation"], only["dst_id"], only["path"]) == ("near", "o1", [["thing", "t/1"], ["other", "hop"], ["other", "o1"]])
+        assert (only["relation"], only["dst_id"], only["path"]) == (
+            "near",
+            "o1",
+            [["thing", "t/1"], ["other", "hop"], ["other", "o1"]],
+        )
         assert client.get("/v1/entities/thing/t%2F1/edges", params={"relation": "far"}).json()["edges"] == []
         assert client.get("/v1/entities/thing/nope/edges").status_code == 404
         assert client.get("/v1/search", params={"q": "x"}).status_code == 503, "search not configured"
@@ -161,12 +198,21 @@ def test_edges_endpoint_reports_provenance_staleness_and_partial(store: FactStor
 def test_edges_into_a_hub_page_with_a_total(store: FactStore, clock) -> None:
     from enrichment_assets.factstore import DerivedEdge
 
-    store.ingest_events([Event(entity_type="thing", entity_id=f"s{i}", event_type="created") for i in range(5)]
-                        + [Event(entity_type="other", entity_id="hub", event_type="created")])
+    store.ingest_events(
+        [Event(entity_type="thing", entity_id=f"s{i}", event_type="created") for i in range(5)]
+        + [Event(entity_type="other", entity_id="hub", event_type="created")]
+    )
     claims = store.claim("thing", limit=10, owner="w", lease=timedelta(minutes=1))
-    store.finish("w", [Outcome.of(c, "enriched", attributes={},
-                                  edges=(DerivedEdge("near", "other", "hub", (c.key, ("other", "hub"))),))
-                       for c in claims], RetryPolicy())
+    store.finish(
+        "w",
+        [
+            Outcome.of(
+                c, "enriched", attributes={}, edges=(DerivedEdge("near", "other", "hub", (c.key, ("other", "hub"))),)
+            )
+            for c in claims
+        ],
+        RetryPolicy(),
+    )
     with serve(store) as server, httpx.Client(base_url=server.url, timeout=10) as client:
         into = client.get("/v1/entities/other/hub/edges", params={"direction": "in", "limit": 3}).json()
         assert (into["direction"], into["total"], into["truncated"]) == ("in", 5, True)
@@ -191,7 +237,10 @@ def test_search_endpoint_answers_with_state_and_staleness(store: FactStore, sear
     search_index.refresh()
     clock.advance(seconds=42)
     config = Settings(entity_types=frozenset({"thing", "other"}))
-    with BackgroundServer(create_app(store, config, search_index)) as server, httpx.Client(base_url=server.url) as client:
+    with (
+        BackgroundServer(create_app(store, config, search_index)) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
         by_name = client.get("/v1/search", params={"q": "desk"}).json()["hits"]
         hits = {h["entity_id"]: h for h in client.get("/v1/search", params={"q": "", "type": "thing"}).json()["hits"]}
     assert [h["entity_id"] for h in by_name] == [claim.entity_id]
