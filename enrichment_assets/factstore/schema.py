@@ -147,6 +147,10 @@ source_budgets = sa.Table(
     # Requests/second the last booking was paced at, for a reader of the table.
     sa.Column("rate", sa.Float, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    # Set by a process short of its share of slots (and which one): until then, holders hand back
+    # slots beyond their share, and the rest after a turn.
+    sa.Column("slots_wanted_until", UTCDateTime, nullable=True),
+    sa.Column("slots_wanted_by", sa.String(128), nullable=True),
 )
 
 source_slots = sa.Table(

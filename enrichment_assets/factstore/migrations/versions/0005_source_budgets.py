@@ -25,6 +25,8 @@ def upgrade() -> None:
         sa.Column("booked_until", UTCDateTime, nullable=False),
         sa.Column("rate", sa.Float, nullable=False),
         sa.Column("updated_at", UTCDateTime, nullable=False),
+        sa.Column("slots_wanted_until", UTCDateTime, nullable=True),
+        sa.Column("slots_wanted_by", sa.String(128), nullable=True),
         sa.PrimaryKeyConstraint("source", name="pk_source_budgets"),
     )
     op.create_table(
