@@ -93,15 +93,20 @@ def ingest(source: Path) -> None:
 @click.option("--access-log/--no-access-log", default=False, show_default=True,
               help="Log a line per request (about a fifth of a small request's cost in the server).")
 def serve(host: str, port: int, access_log: bool) -> None:
-    """Serve the ingest and read API under uvicorn."""
+    """Serve the ingest and read API under uvicorn.
+
+    Limits from the environment: ENRICHMENT_MAX_CONNECTIONS, ENRICHMENT_MAX_IN_FLIGHT,
+    ENRICHMENT_BODY_TIMEOUT_SECONDS; reads need ENRICHMENT_READ_TOKEN when it is set.
+    """
     import uvicorn
 
     from enrichment_assets.api import create_app
+    from enrichment_assets.api.server import uvicorn_config
 
     settings = _settings()
     store = _open_store(settings)
-    uvicorn.run(create_app(store, settings, _open_search(settings, required=False)), host=host, port=port,
-                log_level="info", access_log=access_log)
+    app = create_app(store, settings, _open_search(settings, required=False))
+    uvicorn.Server(uvicorn_config(app, settings, host=host, port=port, access_log=access_log)).run()
 
 
 @main.command()
