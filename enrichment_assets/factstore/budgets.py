@@ -26,9 +26,9 @@ reach disk (losing the last bookings in a server crash costs nothing: they are s
 request, the limiter (``hydration/shared_limits.py``) costs a fraction of a round trip, off the event
 loop: a busy process books a block of up to a tenth of a second's requests at once (8 at 100/s), and
 only a process that uses its turns one at a time (a single slot on a slow source) books per request;
-slots are taken in groups and kept while in use, with one renewal per lease third. A connection the server dropped is retried once on a fresh one; a retried
-booking or take may have happened twice, which only costs rate (an unused span) or a slot until its
-lease runs out, never an excess.
+slots are taken in groups and kept while in use, with one renewal per third of a lease. A connection
+the server dropped is retried once on a fresh one; a retried booking or take may have happened
+twice, which only costs rate (an unused span) or a slot until its lease runs out, never an excess.
 """
 
 from __future__ import annotations
