@@ -1,12 +1,13 @@
 """One async HTTP client per source system: the only code that talks to sources.
 
-The rules live here, never in an asset: explicit timeouts; a sliding-window rate limit and a concurrency
-cap per source; retries with exponential backoff and jitter on 5xx, timeouts and connection errors;
-``Retry-After`` honoured on 429; a circuit breaker; 404 meaning "not there yet" (a forward reference,
-not an error); bodies checked for size and shape. Ids are percent-encoded into exactly one path segment
-of the source's template and the request path is built raw, so no id can change the host or step
-outside its template. Redirects are never followed. The auth header's value is read from its
-environment variable once, when the client is built, and appears in no log, metric or error.
+The rules live here, never in an asset: explicit timeouts; a rate limit and a concurrency cap per
+source (the process's own, or shared by all processes: ``limits.py``); retries with exponential
+backoff and jitter on 5xx, timeouts and connection errors; ``Retry-After`` honoured on 429; a circuit
+breaker; 404 meaning "not there yet" (a forward reference, not an error); bodies checked for size and
+shape. Ids are percent-encoded into exactly one path segment of the source's template and the
+request path is built raw, so no id can change the host or step outside its template. Redirects are
+never followed. The auth header's value is read from its environment variable once, when the client
+is built, and appears in no log, metric or error.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import random
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from urllib.parse import quote
 
 import httpx
 
-from enrichment_assets.hydration.limits import CircuitBreaker, RateLimiter
+from enrichment_assets.hydration.limits import CircuitBreaker, LocalLimits, SourceLimits
 from enrichment_assets.policy import EntityType, Source
 
 log = logging.getLogger(__name__)
@@ -53,12 +55,14 @@ class SourceStats:
     entities_requested: int = 0
     by_status: Counter[str] = field(default_factory=Counter)
     errors: int = 0
+    # Seconds requests spent waiting for a concurrency slot and their turn, added over all requests.
+    budget_wait_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "requests": self.requests, "retries": self.retries, "throttled": self.throttled,
             "entities_requested": self.entities_requested, "errors": self.errors,
-            "by_status": dict(self.by_status),
+            "by_status": dict(self.by_status), "budget_wait_seconds": round(self.budget_wait_seconds, 3),
         }
 
 
@@ -88,12 +92,9 @@ class SourceClient:
         environ: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
-        rate_share: float = 1.0,
+        limits: SourceLimits | None = None,
     ) -> None:
-        """``rate_share`` is the fraction of the source's requests/second this client may use, when
-        several processes call the same source at once (see ``SourcePool``)."""
-        if not 0 < rate_share <= 1:
-            raise ValueError(f"rate_share must be in (0, 1], not {rate_share}")
+        """``limits`` default to the process's own (``LocalLimits``); the client closes them."""
         env = os.environ if environ is None else environ
         self.name = name
         self.source = source
@@ -108,14 +109,17 @@ class SourceClient:
             limits=httpx.Limits(max_connections=source.max_concurrency, max_keepalive_connections=source.max_concurrency),
             transport=transport,
         )
-        self._limiter = RateLimiter(source.requests_per_second * rate_share)
-        self._slots = asyncio.Semaphore(source.max_concurrency)
+        self.limits = limits or LocalLimits(requests_per_second=source.requests_per_second,
+                                            max_concurrency=source.max_concurrency)
         self.breaker = CircuitBreaker(source.circuit_failure_threshold, source.circuit_reset.total_seconds())
         self._rng = rng or random.Random()
         self.stats = SourceStats()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        try:
+            await self._client.aclose()
+        finally:
+            await self.limits.aclose()
 
     async def fetch(self, entity_type: EntityType, ids: Sequence[str]) -> dict[str, Fetched]:
         """Fetch distinct ``ids`` of one type, through the batch endpoint when the type has one."""
@@ -193,8 +197,10 @@ class SourceClient:
             if attempt:
                 self.stats.retries += 1
             try:
-                async with self._slots:
-                    await self._limiter.acquire()
+                waiting_since = time.monotonic()
+                async with self.limits.slot():
+                    await self.limits.turn()
+                    self.stats.budget_wait_seconds += time.monotonic() - waiting_since
                     # Checked after queueing for a slot: the breaker may have opened meanwhile.
                     if not self.breaker.allow():
                         raise _Failure(

@@ -1,10 +1,17 @@
-"""Per-source rate limiting and circuit breaking for the hydration clients."""
+"""Per-source rate limiting and circuit breaking for the hydration clients.
+
+``LocalLimits`` limits one process on its own; ``shared_limits.SharedLimits`` draws the same limits
+from a budget all processes share. A client holds one of them: ``async with limits.slot():`` and,
+inside it, ``await limits.turn()`` before each request.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
 
 
 class RateLimiter:
@@ -34,6 +41,47 @@ class RateLimiter:
             self._next = start + self.interval
             if start > now:
                 await asyncio.sleep(start - now)
+
+
+class SourceLimits(Protocol):
+    """A source's concurrency and rate limits, as a client uses them."""
+
+    @property
+    def round_trips(self) -> int:
+        """Database calls the limits made (0 when they are the process's own)."""
+        ...
+
+    def slot(self) -> AbstractAsyncContextManager[object]:
+        """Hold one of the source's concurrency slots for a request."""
+        ...
+
+    async def turn(self) -> None:
+        """Wait until the next request may start."""
+        ...
+
+    async def aclose(self) -> None:
+        """Give back whatever the limits hold."""
+        ...
+
+
+class LocalLimits:
+    """One process's own limits: a ``RateLimiter`` and a semaphore. Right when the process is the only
+    one calling the source (a SQLite fact store has one process)."""
+
+    round_trips = 0
+
+    def __init__(self, *, requests_per_second: float, max_concurrency: int) -> None:
+        self.rate = RateLimiter(requests_per_second)
+        self._slots = asyncio.Semaphore(max_concurrency)
+
+    def slot(self) -> asyncio.Semaphore:
+        return self._slots
+
+    async def turn(self) -> None:
+        await self.rate.acquire()
+
+    async def aclose(self) -> None:
+        return None
 
 
 class CircuitBreaker:

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from enrichment_assets.factstore.budgets import SourceBudgets
 from enrichment_assets.hydration.client import Fetched, SourceClient
-from enrichment_assets.policy import Policy
+from enrichment_assets.hydration.shared_limits import SharedLimits
+from enrichment_assets.policy import Policy, Source
 
 if TYPE_CHECKING:
     from enrichment_assets.factstore import FactStore
@@ -18,8 +20,10 @@ if TYPE_CHECKING:
 class SourcePool:
     """``async with SourcePool(policy) as pool: await pool.fetch("team", ids)``.
 
-    ``transports`` lets a test hand one source an ``httpx.MockTransport``. ``rate_shares`` gives a
-    source's client only part of its requests/second, for processes that call it at the same time.
+    ``transports`` lets a test hand one source an ``httpx.MockTransport``. With a PostgreSQL ``store``,
+    every source's requests/second and concurrency are drawn from budgets in the store that all
+    processes share (``shared_limits.py``); otherwise (SQLite, one process, or no store) each client
+    limits itself.
     """
 
     def __init__(
@@ -28,15 +32,22 @@ class SourcePool:
         *,
         environ: Mapping[str, str] | None = None,
         transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
-        rate_shares: Mapping[str, float] | None = None,
         store: FactStore | None = None,
     ) -> None:
         self.policy = policy
+        self._budgets = (SourceBudgets(store.engine)
+                         if store is not None and store.engine.dialect.name == "postgresql" else None)
         self.clients = {
             name: SourceClient(name, source, environ=environ, transport=(transports or {}).get(name),
-                               rate_share=(rate_shares or {}).get(name, 1.0))
+                               limits=self._shared_limits(name, source))
             for name, source in policy.sources.items()
         }
+
+    def _shared_limits(self, name: str, source: Source) -> SharedLimits | None:
+        if self._budgets is None:
+            return None
+        return SharedLimits(self._budgets, name, requests_per_second=source.requests_per_second,
+                            max_concurrency=source.max_concurrency)
 
     def client_for(self, entity_type: str) -> SourceClient:
         return self.clients[self.policy.entity_types[entity_type].source]
@@ -56,12 +67,19 @@ class SourcePool:
         return await self.client_for(entity_type).fetch(self.policy.entity_types[entity_type], ids)
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        return {name: client.stats.as_dict() | {"circuit_open": client.breaker.is_open}
+        """Per source: the client's counters, whether its circuit is open, and the database calls its
+        limits made (``budget_round_trips``, 0 for a process's own limits)."""
+        return {name: client.stats.as_dict() | {"circuit_open": client.breaker.is_open,
+                                                "budget_round_trips": client.limits.round_trips}
                 for name, client in self.clients.items()}
 
     async def aclose(self) -> None:
-        for client in self.clients.values():
-            await client.aclose()
+        try:
+            for client in self.clients.values():
+                await client.aclose()
+        finally:
+            if self._budgets is not None:
+                self._budgets.dispose()
 
     async def __aenter__(self) -> SourcePool:
         return self
