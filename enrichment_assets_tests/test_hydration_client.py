@@ -1,18 +1,24 @@
 """The per-source hydration client against exact failure shapes (httpx.MockTransport): id encoding,
-404 as "not there yet", retries, Retry-After, malformed and oversized bodies, redirects, timeouts, the
-circuit breaker, batch answers, auth headers that never leak, and the rate limiter's sliding window."""
+404 as "not there yet", retries, Retry-After, malformed, oversized, non-JSON, too deeply nested and
+compressed bodies, redirects, timeouts (per read and per request), the circuit breaker, batch answers,
+auth headers that never leak, and the rate limiter's even spacing of requests. The same hostile
+answers from a real server, through the whole cycle, are in ``test_hostile_sources.py``."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
 
 from enrichment_assets.hydration import CircuitBreaker, RateLimiter, SourceClient
 from enrichment_assets.policy import EntityType, Source
+
+from .hostile_source import gzip_bomb, gzip_bytes
 
 RUN = EntityType(source="src", path="/runs/{id}", batch_path="/runs")
 SINGLE_ONLY = EntityType(source="src", path="/runs/{id}")
@@ -28,7 +34,9 @@ def source(**overrides: object) -> Source:
     return Source.model_validate(settings)
 
 
-def client(handler: Callable[[httpx.Request], httpx.Response], **overrides: object) -> tuple[SourceClient, list[httpx.Request]]:
+def client(
+    handler: Callable[[httpx.Request], httpx.Response], **overrides: object
+) -> tuple[SourceClient, list[httpx.Request]]:
     seen: list[httpx.Request] = []
 
     def record(request: httpx.Request) -> httpx.Response:
@@ -52,6 +60,40 @@ def fetch(c: SourceClient, ids: list[str], entity_type: EntityType = SINGLE_ONLY
 def ok(request: httpx.Request) -> httpx.Response:
     entity_id = request.url.path.rsplit("/", 1)[1]
     return httpx.Response(200, json={"id": entity_id})
+
+
+class Streamed(httpx.AsyncByteStream):
+    """A body that arrives in ``chunks``, ``delay`` seconds apart, read as it arrives (an
+    ``httpx.Response`` made with ``content=`` is read whole, and decoded, before the client sees it)."""
+
+    def __init__(self, chunks: list[bytes], delay: float = 0.0) -> None:
+        self.chunks = chunks
+        self.delay = delay
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            await asyncio.sleep(self.delay)
+            yield chunk
+
+
+def streamed(chunks: list[bytes], *, delay: float = 0.0, encoding: str | None = None,
+             content_type: str = "application/json") -> httpx.Response:
+    headers = {"content-type": content_type} | ({"content-encoding": encoding} if encoding else {})
+    return httpx.Response(200, headers=headers, stream=Streamed(chunks, delay))
+
+
+def padded(size: int) -> bytes:
+    """A JSON object of exactly ``size`` bytes."""
+    body = json.dumps({"id": "r", "pad": ""}).encode()
+    return body[:-2] + b"x" * (size - len(body)) + body[-2:]
+
+
+HUNDRED_LEVELS = b'{"x": ' + b"[" * 99 + b"]" * 99 + b', "id": "r"}'
+
+
+def deflated(data: bytes) -> bytes:
+    compressor = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
 
 
 @pytest.mark.parametrize(
@@ -119,13 +161,26 @@ def test_timeouts_are_retried() -> None:
 @pytest.mark.parametrize(
     ("response", "message"),
     [
-        (httpx.Response(200, content=b"<html>oops</html>"), "not JSON"),
+        (httpx.Response(200, content=b"<html>oops</html>"), "content type 'none', not JSON"),
+        (httpx.Response(200, content=b'{"id": "r"}', headers={"content-type": "text/html"}),
+         "content type 'text/html', not JSON"),
+        (httpx.Response(200, content=b"{\"id\": ", headers={"content-type": "application/json"}), "not JSON"),
         (httpx.Response(200, json=["a", "list"]), "expected a JSON object"),
+        (httpx.Response(200, content=b'{"x": ' + b"[" * 100 + b"]" * 100 + b"}",
+                        headers={"content-type": "application/json"}), "nested deeper than 100 levels"),
         (httpx.Response(200, json={"blob": "x" * 5000}), "over 2000 bytes"),
+        (streamed([b'{"blob": "', b"x" * 1500, b"x" * 1500, b'"}']), "over 2000 bytes"),
+        (streamed(list(gzip_bomb(64 * 1024 * 1024)), encoding="gzip"), "over 2000 bytes once decompressed"),
+        (streamed([gzip_bytes(padded(2001))], encoding="gzip"), "over 2000 bytes once decompressed"),
+        (streamed([gzip_bytes(gzip_bytes(b"{}"))], encoding="gzip, gzip"), "'gzip, gzip' was not asked for"),
+        (streamed([b"\x1b\x00"], encoding="br"), "content encoding 'br' was not asked for"),
+        (streamed([b"\x1f\x8b\x08\x00 not really gzip"], encoding="gzip"), "malformed compressed body"),
         (httpx.Response(302, headers={"location": "http://elsewhere.test/steal"}), "redirects are not followed"),
         (httpx.Response(403), "answered 403"),
     ],
-    ids=["html", "array", "oversized", "redirect", "forbidden"],
+    ids=["no-content-type", "html-json-looking", "truncated", "array", "101-levels", "oversized",
+         "oversized-undeclared", "gzip-bomb", "gzip-one-over", "stacked-encodings", "brotli", "corrupt-gzip",
+         "redirect", "forbidden"],
 )
 def test_bad_answers_fail_that_entity_and_the_batch_goes_on(response: httpx.Response, message: str) -> None:
     c, seen = client(lambda r: response if r.url.path.endswith("/bad") else ok(r))
@@ -133,6 +188,51 @@ def test_bad_answers_fail_that_entity_and_the_batch_goes_on(response: httpx.Resp
     assert results["bad"].status == "error" and message in results["bad"].error
     assert results["good-1"].status == results["good-2"].status == "found"
     assert all(r.url.host == "source.test" for r in seen), "a redirect is never followed"
+
+
+@pytest.mark.parametrize(
+    ("response", "size"),
+    [
+        (streamed([padded(2000)]), 2000),
+        (streamed([padded(2000)], content_type="application/vnd.source+json; charset=utf-8"), 2000),
+        (streamed([gzip_bytes(padded(2000))], encoding="gzip"), 2000),
+        (streamed([deflated(padded(1500))], encoding="deflate"), 1500),
+        (streamed([gzip_bytes(padded(1500))], encoding="x-gzip, identity"), 1500),
+        (streamed([HUNDRED_LEVELS]), len(HUNDRED_LEVELS)),
+    ],
+    ids=["at-the-limit", "vendor-json-type", "gzip-at-the-limit", "deflate", "x-gzip", "100-levels"],
+)
+def test_acceptable_answers_are_read_whole(response: httpx.Response, size: int) -> None:
+    c, seen = client(lambda r: response)
+    result = fetch(c, ["r"])["r"]
+    assert result.status == "found", result.error
+    assert len(json.dumps(result.body, separators=(", ", ": "))) == size
+    assert seen[0].headers["accept-encoding"] == "identity", "compressed bodies are not asked for"
+
+
+def test_json_nested_past_what_the_parser_takes_fails_that_entity() -> None:
+    deep = b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    c, _ = client(lambda r: streamed([deep]) if r.url.path.endswith("/deep") else ok(r), max_body_bytes=300_000)
+    results = fetch(c, ["deep", "fine"])
+    assert results["deep"].status == "error" and "nested deeper than 100 levels" in results["deep"].error
+    assert results["fine"].status == "found"
+
+
+def test_an_unused_body_is_never_an_error() -> None:
+    big = httpx.Response(404, headers={"content-type": "text/html", "content-encoding": "br"},
+                         stream=Streamed([b"x" * 100_000] * 10))
+    c, _ = client(lambda r: big)
+    assert fetch(c, ["r"])["r"].status == "missing"
+
+
+def test_a_trickled_body_is_cut_off_at_the_timeout_of_the_whole_request() -> None:
+    trickle = [b'{"id": "r", "pad": "'] + [b" "] * 100 + [b'"}']
+    c, seen = client(lambda r: streamed(trickle, delay=0.05), timeout_seconds=0.3, max_retries=1)
+    started = time.monotonic()
+    result = fetch(c, ["r"])["r"]
+    assert time.monotonic() - started < 1.5, "two attempts of 0.3 s and a backoff, not two of 5 s"
+    assert result.status == "error" and "gave up after 2 attempts: timed out after 0.3s" in result.error
+    assert len(seen) == 2
 
 
 def test_open_circuit_fails_fast_and_costs_few_calls() -> None:

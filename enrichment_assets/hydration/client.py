@@ -3,11 +3,15 @@
 The rules live here, never in an asset: explicit timeouts; a rate limit and a concurrency cap per
 source (the process's own, or shared by all processes: ``limits.py``); retries with exponential
 backoff and jitter on 5xx, timeouts and connection errors; ``Retry-After`` honoured on 429; a circuit
-breaker; 404 meaning "not there yet" (a forward reference, not an error); bodies checked for size and
-shape. Ids are percent-encoded into exactly one path segment of the source's template and the
-request path is built raw, so no id can change the host or step outside its template. Redirects are
-never followed. The auth header's value is read from its environment variable once, when the client
-is built, and appears in no log, metric or error.
+breaker; 404 meaning "not there yet" (a forward reference, not an error). ``timeout_seconds`` bounds
+every read and write and also the request as a whole, so a body trickled a byte at a time is cut off.
+An answer must be JSON (``application/json`` or ``application/*+json``), at most ``max_body_bytes``
+both as sent and decoded (checked as it streams in, never buffered past the limit) and nested at most
+``MAX_JSON_DEPTH`` levels; anything else fails that entity, and the run goes on. Ids are
+percent-encoded into exactly one path segment of the source's template and the request path is built
+raw, so no id can change the host or step outside its template. Redirects are never followed. The
+auth header's value is read from its environment variable once, when the client is built, and
+appears in no log, metric or error.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import logging
 import os
 import random
 import time
+import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -35,6 +40,11 @@ log = logging.getLogger(__name__)
 
 Status = Literal["found", "missing", "error", "unavailable"]
 MAX_RETRY_AFTER_SECONDS = 60.0
+# Deeper documents are refused: real entities nest a few levels, and a deep one would later overflow
+# the stack of whatever serializes or walks it (json.loads alone stops near 1,000 levels).
+MAX_JSON_DEPTH = 100
+# The body of a non-2xx answer is read up to this many bytes, so the connection can be reused.
+DRAIN_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -99,14 +109,18 @@ class SourceClient:
         self.name = name
         self.source = source
         self.base = httpx.URL(source.resolved_base_url(dict(env)))
-        headers = {"accept": "application/json", "user-agent": "enrichment-assets"}
+        # identity: httpx would inflate each compressed chunk whole, so a few kilobytes of gzip could
+        # become gigabytes before any size check. A source that compresses anyway is inflated here, a
+        # bounded step at a time (``_BoundedBody``).
+        headers = {"accept": "application/json", "accept-encoding": "identity", "user-agent": "enrichment-assets"}
         if source.auth_header is not None and env.get(source.auth_header.env):
             headers[source.auth_header.name] = env[source.auth_header.env]
         self._client = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(source.timeout_seconds),
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=source.max_concurrency, max_keepalive_connections=source.max_concurrency),
+            limits=httpx.Limits(max_connections=source.max_concurrency,
+                                max_keepalive_connections=source.max_concurrency),
             transport=transport,
         )
         self.limits = limits or LocalLimits(requests_per_second=source.requests_per_second,
@@ -208,15 +222,16 @@ class SourceClient:
                             f"more after repeated failures ({last})", unavailable=True)
                     self.stats.requests += 1
                     response, body = await self._send(url)
-            except httpx.TimeoutException:
+            except (httpx.TimeoutException, TimeoutError):
                 last = f"timed out after {self.source.timeout_seconds}s"
                 self.breaker.record_failure()
             except httpx.TransportError as error:
                 last = f"connection failed ({type(error).__name__})"
                 self.breaker.record_failure()
-            except _BodyTooLarge:
+            except _Refused as refused:
+                # The source answered; the answer is unacceptable and would be the same again.
                 self.breaker.record_success()
-                raise _Failure(f"{self.name}: body over {self.source.max_body_bytes} bytes") from None
+                raise _Failure(f"{self.name}: {refused}") from None
             else:
                 status = response.status_code
                 self.stats.by_status[str(status)] += 1
@@ -245,17 +260,29 @@ class SourceClient:
                        unavailable=self.breaker.is_open)
 
     async def _send(self, url: httpx.URL) -> tuple[httpx.Response, bytes]:
-        async with self._client.stream("GET", url) as response:
+        """The answer and, for a 2xx, its body (for any other status, ``b""``: its body is never used)."""
+        limit = self.source.max_body_bytes
+        # httpx's timeout bounds each read; this bounds the request as a whole.
+        async with asyncio.timeout(self.source.timeout_seconds), self._client.stream("GET", url) as response:
+            if not response.is_success:
+                await _drain(response, min(limit, DRAIN_BYTES))
+                return response, b""
+            content_type = response.headers.get("content-type", "")
+            if not _is_json(content_type):
+                raise _Refused(f"answered {response.status_code} with content type {content_type or 'none'!r}, "
+                               "not JSON")
             declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > self.source.max_body_bytes:
-                raise _BodyTooLarge
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > self.source.max_body_bytes:
-                    raise _BodyTooLarge
-                chunks.append(chunk)
-        return response, b"".join(chunks)
+            if declared.isdigit() and int(declared) > limit:
+                raise _Refused(f"body over {limit} bytes")
+            if response.is_stream_consumed:
+                # The transport handed over a body it had read and decoded already (httpx.MockTransport).
+                body = _BoundedBody(limit, encoding="")
+                body.feed(response.content)
+            else:
+                body = _BoundedBody(limit, encoding=response.headers.get("content-encoding", ""))
+                async for chunk in response.aiter_raw():
+                    body.feed(chunk)
+        return response, body.content()
 
     def _backoff(self, attempt: int) -> float:
         base = min(0.2 * 2**attempt, 5.0)
@@ -276,8 +303,68 @@ class SourceClient:
         return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _Refused(Exception):
+    """An answer refused for its shape (size, content type, encoding): not retried."""
+
+
+class _BoundedBody:
+    """A response body collected up to ``limit`` bytes, counted both as read and as decoded.
+
+    Sources are asked for ``identity``. One that sends gzip or deflate anyway is inflated here with
+    ``max_length``, so no chunk inflates past the limit (a gzip bomb stops after ``limit`` bytes of
+    output). Other or stacked encodings are refused: nothing we asked for, and each layer multiplies
+    what a small body can inflate to.
+    """
+
+    def __init__(self, limit: int, *, encoding: str) -> None:
+        self._limit = limit
+        encodings = [e.strip().lower() for e in encoding.split(",")]
+        encodings = [e for e in encodings if e not in ("", "identity")]
+        self._inflater: Any = None
+        if encodings in (["gzip"], ["x-gzip"], ["deflate"]):
+            # 32 + MAX_WBITS reads a gzip or a zlib header, whichever comes: senders mix up the names.
+            self._inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)
+        elif encodings:
+            raise _Refused(f"content encoding {encoding!r} was not asked for")
+        self._read = 0
+        self._size = 0
+        self._chunks: list[bytes] = []
+
+    def feed(self, data: bytes) -> None:
+        self._read += len(data)
+        if self._read > self._limit:
+            raise _Refused(f"body over {self._limit} bytes")
+        if self._inflater is not None:
+            try:
+                # One byte past the room left tells "over the limit" from "exactly at it".
+                data = self._inflater.decompress(data, self._limit - self._size + 1)
+            except zlib.error:
+                raise _Refused("malformed compressed body") from None
+        self._size += len(data)
+        if self._size > self._limit:
+            raise _Refused(f"body over {self._limit} bytes once decompressed"
+                           if self._inflater is not None else f"body over {self._limit} bytes")
+        self._chunks.append(data)
+
+    def content(self) -> bytes:
+        return b"".join(self._chunks)
+
+
+async def _drain(response: httpx.Response, limit: int) -> None:
+    """Read an unused body to its end if it is short; a longer one is left, which closes the connection."""
+    if response.is_stream_consumed:
+        return
+    read = 0
+    async for chunk in response.aiter_raw():
+        read += len(chunk)
+        if read > limit:
+            return
+
+
+def _is_json(content_type: str) -> bool:
+    """``application/json`` or ``application/<anything>+json``, with or without parameters."""
+    kind, _, subtype = content_type.split(";", 1)[0].strip().lower().partition("/")
+    return kind == "application" and (subtype == "json" or (subtype.endswith("+json") and len(subtype) > 5))
 
 
 def _json_object(body: bytes, limit: int) -> dict[str, Any]:
@@ -285,8 +372,26 @@ def _json_object(body: bytes, limit: int) -> dict[str, Any]:
         raise ValueError(f"body over {limit} bytes")
     try:
         document = json.loads(body)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError):
         raise ValueError("not JSON") from None
     if not isinstance(document, dict):
         raise ValueError(f"expected a JSON object, got {type(document).__name__}")
+    if _nested_deeper_than(document, body, MAX_JSON_DEPTH):
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
     return document
+
+
+def _nested_deeper_than(document: Any, body: bytes, limit: int) -> bool:
+    # Each level takes a bracket, so counting them (fast) settles almost every body without a walk.
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
