@@ -17,12 +17,10 @@ appears in no log, metric or error.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
 import time
-import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from urllib.parse import quote
 
 import httpx
 
+from enrichment_assets.hydration.bodies import DRAIN_BYTES, BoundedBody, Refused, drain, is_json, json_object
 from enrichment_assets.hydration.limits import CircuitBreaker, LocalLimits, SourceLimits
 from enrichment_assets.policy import EntityType, Source
 
@@ -40,11 +39,6 @@ log = logging.getLogger(__name__)
 
 Status = Literal["found", "missing", "error", "unavailable"]
 MAX_RETRY_AFTER_SECONDS = 60.0
-# Deeper documents are refused: real entities nest a few levels, and a deep one would later overflow
-# the stack of whatever serializes or walks it (json.loads alone stops near 1,000 levels).
-MAX_JSON_DEPTH = 100
-# The body of a non-2xx answer is read up to this many bytes, so the connection can be reused.
-DRAIN_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -111,7 +105,7 @@ class SourceClient:
         self.base = httpx.URL(source.resolved_base_url(dict(env)))
         # identity: httpx would inflate each compressed chunk whole, so a few kilobytes of gzip could
         # become gigabytes before any size check. A source that compresses anyway is inflated here, a
-        # bounded step at a time (``_BoundedBody``).
+        # bounded step at a time (``bodies.BoundedBody``).
         headers = {"accept": "application/json", "accept-encoding": "identity", "user-agent": "enrichment-assets"}
         if source.auth_header is not None and env.get(source.auth_header.env):
             headers[source.auth_header.name] = env[source.auth_header.env]
@@ -156,7 +150,7 @@ class SourceClient:
         if response.status_code == 404:
             return Fetched("missing")
         try:
-            document = _json_object(body, self.source.max_body_bytes)
+            document = json_object(body, self.source.max_body_bytes)
         except ValueError as error:
             return self._failed(_Failure(f"{self.name}: malformed body for {entity_id!r}: {error}"))
         return Fetched("found", document)
@@ -168,7 +162,7 @@ class SourceClient:
             response, body = await self._get(self._url(entity_type.batch_path, query))
             if response.status_code != 200:
                 raise _Failure(f"{self.name}: batch request answered {response.status_code}")
-            document = _json_object(body, self.source.max_body_bytes)
+            document = json_object(body, self.source.max_body_bytes)
             items, missing = document.get("items"), document.get("missing", [])
             if not isinstance(items, list) or not isinstance(missing, list):
                 raise ValueError("expected {'items': [...], 'missing': [...]}")
@@ -228,7 +222,7 @@ class SourceClient:
             except httpx.TransportError as error:
                 last = f"connection failed ({type(error).__name__})"
                 self.breaker.record_failure()
-            except _Refused as refused:
+            except Refused as refused:
                 # The source answered; the answer is unacceptable and would be the same again.
                 self.breaker.record_success()
                 raise _Failure(f"{self.name}: {refused}") from None
@@ -265,21 +259,21 @@ class SourceClient:
         # httpx's timeout bounds each read; this bounds the request as a whole.
         async with asyncio.timeout(self.source.timeout_seconds), self._client.stream("GET", url) as response:
             if not response.is_success:
-                await _drain(response, min(limit, DRAIN_BYTES))
+                await drain(response, min(limit, DRAIN_BYTES))
                 return response, b""
             content_type = response.headers.get("content-type", "")
-            if not _is_json(content_type):
-                raise _Refused(f"answered {response.status_code} with content type {content_type or 'none'!r}, "
+            if not is_json(content_type):
+                raise Refused(f"answered {response.status_code} with content type {content_type or 'none'!r}, "
                                "not JSON")
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limit:
-                raise _Refused(f"body over {limit} bytes")
+                raise Refused(f"body over {limit} bytes")
             if response.is_stream_consumed:
                 # The transport handed over a body it had read and decoded already (httpx.MockTransport).
-                body = _BoundedBody(limit, encoding="")
+                body = BoundedBody(limit, encoding="")
                 body.feed(response.content)
             else:
-                body = _BoundedBody(limit, encoding=response.headers.get("content-encoding", ""))
+                body = BoundedBody(limit, encoding=response.headers.get("content-encoding", ""))
                 async for chunk in response.aiter_raw():
                     body.feed(chunk)
         return response, body.content()
@@ -301,97 +295,3 @@ class SourceClient:
         if seconds is None:
             seconds = self._backoff(attempt)
         return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
-
-
-class _Refused(Exception):
-    """An answer refused for its shape (size, content type, encoding): not retried."""
-
-
-class _BoundedBody:
-    """A response body collected up to ``limit`` bytes, counted both as read and as decoded.
-
-    Sources are asked for ``identity``. One that sends gzip or deflate anyway is inflated here with
-    ``max_length``, so no chunk inflates past the limit (a gzip bomb stops after ``limit`` bytes of
-    output). Other or stacked encodings are refused: nothing we asked for, and each layer multiplies
-    what a small body can inflate to.
-    """
-
-    def __init__(self, limit: int, *, encoding: str) -> None:
-        self._limit = limit
-        encodings = [e.strip().lower() for e in encoding.split(",")]
-        encodings = [e for e in encodings if e not in ("", "identity")]
-        self._inflater: Any = None
-        if encodings in (["gzip"], ["x-gzip"], ["deflate"]):
-            # 32 + MAX_WBITS reads a gzip or a zlib header, whichever comes: senders mix up the names.
-            self._inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)
-        elif encodings:
-            raise _Refused(f"content encoding {encoding!r} was not asked for")
-        self._read = 0
-        self._size = 0
-        self._chunks: list[bytes] = []
-
-    def feed(self, data: bytes) -> None:
-        self._read += len(data)
-        if self._read > self._limit:
-            raise _Refused(f"body over {self._limit} bytes")
-        if self._inflater is not None:
-            try:
-                # One byte past the room left tells "over the limit" from "exactly at it".
-                data = self._inflater.decompress(data, self._limit - self._size + 1)
-            except zlib.error:
-                raise _Refused("malformed compressed body") from None
-        self._size += len(data)
-        if self._size > self._limit:
-            raise _Refused(f"body over {self._limit} bytes once decompressed"
-                           if self._inflater is not None else f"body over {self._limit} bytes")
-        self._chunks.append(data)
-
-    def content(self) -> bytes:
-        return b"".join(self._chunks)
-
-
-async def _drain(response: httpx.Response, limit: int) -> None:
-    """Read an unused body to its end if it is short; a longer one is left, which closes the connection."""
-    if response.is_stream_consumed:
-        return
-    read = 0
-    async for chunk in response.aiter_raw():
-        read += len(chunk)
-        if read > limit:
-            return
-
-
-def _is_json(content_type: str) -> bool:
-    """``application/json`` or ``application/<anything>+json``, with or without parameters."""
-    kind, _, subtype = content_type.split(";", 1)[0].strip().lower().partition("/")
-    return kind == "application" and (subtype == "json" or (subtype.endswith("+json") and len(subtype) > 5))
-
-
-def _json_object(body: bytes, limit: int) -> dict[str, Any]:
-    if len(body) > limit:
-        raise ValueError(f"body over {limit} bytes")
-    try:
-        document = json.loads(body)
-    except RecursionError:
-        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("not JSON") from None
-    if not isinstance(document, dict):
-        raise ValueError(f"expected a JSON object, got {type(document).__name__}")
-    if _nested_deeper_than(document, body, MAX_JSON_DEPTH):
-        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
-    return document
-
-
-def _nested_deeper_than(document: Any, body: bytes, limit: int) -> bool:
-    # Each level takes a bracket, so counting them (fast) settles almost every body without a walk.
-    if body.count(b"[") + body.count(b"{") <= limit:
-        return False
-    stack: list[tuple[Any, int]] = [(document, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = value.values() if isinstance(value, dict) else value
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False
