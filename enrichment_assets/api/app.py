@@ -21,7 +21,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from enrichment_assets.api.guards import BodyRejected, InFlightLimit, read_body, requires_token, unavailable_handlers
+from enrichment_assets.api.guards import (
+    RETRY_AFTER_SECONDS,
+    BodyRejected,
+    InFlightLimit,
+    read_body,
+    requires_token,
+    unavailable_handlers,
+)
 from enrichment_assets.api.openapi import EDGE_LIMIT, MAX_EDGE_LIMIT, MAX_SEARCH_SIZE, openapi_document
 from enrichment_assets.events import Event, EventBatchError, Problem, parse_events
 from enrichment_assets.factstore import FactStore
@@ -145,7 +152,7 @@ class _Handlers:
             return JSONResponse(
                 {"status": "unavailable", "fact_store": type(error).__name__},
                 status_code=503,
-                headers={"Retry-After": "1"},
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         return JSONResponse({"status": "ok", "fact_store": "ok"})
 
