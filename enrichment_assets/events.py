@@ -132,7 +132,9 @@ def _split(text: str) -> list[tuple[int, str]]:
             pass
         else:
             return [(1, stripped)]
-    return [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    # NDJSON lines end at \n (\r\n too); str.splitlines would also break at U+2028, U+2029 and U+0085,
+    # which JSON strings may hold raw.
+    return [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
 
 
 def validate_lines(lines: Iterable[tuple[int, str]], *, entity_types: Collection[str]) -> list[Event]:

@@ -60,11 +60,6 @@ def test_generated_requests_keep_every_property(
     assert httpx.get(fuzz_server.url + "/healthz", timeout=10).status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="events._split breaks NDJSON lines with str.splitlines, which also splits at U+2028, U+2029 and "
-    "U+0085 inside JSON strings; found by bench/fuzz.py; the fix (split at \\n only) belongs in events.py",
-)
 def test_a_line_separator_inside_an_id_is_part_of_the_id(fuzz_server: BackgroundServer, pg_store: FactStore) -> None:
     body = '{"entity_type": "thing", "entity_id": "a\u2028b", "event_type": "created"}'.encode()
     answer = send(fuzz_server.port, FuzzRequest("POST", "/v1/events", WRITE, body))
