@@ -367,7 +367,10 @@ class FactStore(OutboxMethods):
         try:
             return self._on_reader_cursor(lambda cursor: reads.prepared_edge_lookup(cursor, *args, **kwargs))
         except _ReaderLost:
-            return self._on_reader_cursor(lambda cursor: reads.prepared_edge_lookup(cursor, *args, **kwargs))
+            try:
+                return self._on_reader_cursor(lambda cursor: reads.prepared_edge_lookup(cursor, *args, **kwargs))
+            except _ReaderLost as lost:
+                raise lost.__cause__ from None  # the driver's own error: the server is gone, not one connection
 
     def _on_reader_cursor(self, read: Callable[[Any], Any]) -> Any:
         """``read(cursor)`` on a pooled reader connection's driver cursor."""
