@@ -45,7 +45,8 @@ def main() -> None:
     """Async graph enrichment: ingest thin events, enrich them from their sources, serve the graph.
 
     Configuration comes from the environment: ENRICHMENT_DATABASE_URL (default
-    sqlite:///.enrichment/facts.db), ENRICHMENT_POLICY, ENRICHMENT_API_TOKEN.
+    sqlite:///.enrichment/facts.db), ENRICHMENT_POLICY, ELASTICSEARCH_URL (search; off when unset),
+    ENRICHMENT_API_TOKEN and ENRICHMENT_READ_TOKEN; the README's configuration table lists the rest.
     """
 
 
