@@ -259,26 +259,34 @@ def _proc_table() -> dict[int, tuple[int, str, float]]:
     return table
 
 
-def cpu_snapshot(postgres_port: int | None) -> dict[str, float]:
-    """CPU seconds so far by role: this benchmark's process tree, its PostgreSQL server (by port), and
-    the whole machine (``/proc/stat``), so the rest is everything else running here."""
-    table = _proc_table()
+def process_roles(table: Mapping[int, tuple[int, str, float]],
+                  postgres_port: int | None) -> dict[int, tuple[str, list[str]]]:
+    """pid -> (role, command lines from the process up to this benchmark) for this benchmark's process
+    tree and its PostgreSQL server (by port); other processes are left out."""
     me = os.getpid()
-    used: dict[str, float] = defaultdict(float)
-    for pid, (_, _, seconds) in table.items():
-        role, current, chain = None, pid, []
+    roles: dict[int, tuple[str, list[str]]] = {}
+    for pid in table:
+        current, chain = pid, []
         while current in table and current > 1:
             if current == me:
-                role = next((name for text, name in CPU_ROLES for c in chain if text in c), "benchmark")
+                roles[pid] = (next((name for text, name in CPU_ROLES for c in chain if text in c), "benchmark"), chain)
                 break
             command = table[current][1]
             chain.append(command)
             if postgres_port and f"-p {postgres_port} " in command and "postgres" in command:
-                role = "PostgreSQL"
+                roles[pid] = ("PostgreSQL", chain)
                 break
             current = table[current][0]
-        if role:
-            used[role] += seconds
+    return roles
+
+
+def cpu_snapshot(postgres_port: int | None) -> dict[str, float]:
+    """CPU seconds so far by role: this benchmark's process tree, its PostgreSQL server (by port), and
+    the whole machine (``/proc/stat``), so the rest is everything else running here."""
+    table = _proc_table()
+    used: dict[str, float] = defaultdict(float)
+    for pid, (role, _) in process_roles(table, postgres_port).items():
+        used[role] += table[pid][2]
     with open("/proc/stat") as stat:
         jiffies = [int(v) for v in stat.readline().split()[1:]]
     busy = sum(jiffies) - jiffies[3] - jiffies[4]  # all but idle and iowait
@@ -809,6 +817,66 @@ def dagster_postgres_url(url: str) -> str:
     return make_url(url).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
 
 
+@dataclass(frozen=True)
+class Servers:
+    """What ``start_servers`` started, each in its own process: URLs, the fact store, the search index."""
+
+    tmp: Path  # logs and Dagster's home, deleted at the end
+    sim_url: str
+    es_url: str
+    server_url: str  # the PostgreSQL server the databases below are on
+    facts_url: str
+    dagster_url: str | None  # Dagster's storage database; None keeps SQLite in Dagster's home
+    store: FactStore
+    index: SearchIndex
+    alias: str
+    api_url: str
+
+    @property
+    def postgres_port(self) -> int | None:
+        return make_url(self.server_url).port
+
+
+def start_servers(stack: ExitStack, *, name: str, scale: float, latency_ms: float,
+                  dagster_storage: str = "postgres") -> Servers:
+    """The simulator at ``scale``, the search server, PostgreSQL with a fresh fact store (and, for
+    ``dagster_storage="postgres"``, a second database for Dagster), a fresh index alias and ``enrichment
+    serve``: everything but Dagster, stopped and deleted when ``stack`` closes."""
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-{name}-")))
+    sim_url = stack.enter_context(simulator_process(scale, latency_ms, tmp / "simulator.log"))
+    es_url = stack.enter_context(elasticsearch_server())
+    server_url = stack.enter_context(postgres_server())
+    facts_url = stack.enter_context(fresh_database(server_url))
+    dagster_url = (dagster_postgres_url(stack.enter_context(fresh_database(server_url)))
+                   if dagster_storage == "postgres" else None)
+    store = FactStore.from_url(facts_url)
+    stack.callback(store.dispose)
+    store.migrate()
+    alias = f"bench-{name}-{secrets.token_hex(4)}"
+    index = SearchIndex.from_url(es_url, alias=alias)
+    stack.callback(index.close)
+    index.ensure()
+    stack.callback(lambda: [index.client.indices.delete(index=each) for each in index.current_indices()])
+    api_env = {**os.environ, "ENRICHMENT_DATABASE_URL": facts_url}
+    api_env.pop("ENRICHMENT_API_TOKEN", None)
+    api_url = stack.enter_context(api_server(api_env, tmp / "serve.log"))
+    return Servers(tmp, sim_url, es_url, server_url, facts_url, dagster_url, store, index, alias, api_url)
+
+
+def start_dagster(stack: ExitStack, servers: Servers, *, home: Path | None, sensor_interval: int,
+                  max_concurrent_runs: int) -> LocalDagster:
+    """``LocalDagster`` over ``servers`` with the sensor every ``sensor_interval`` seconds, stopped when
+    ``stack`` closes; its home is ``home`` or a directory in ``servers.tmp``."""
+    env = {
+        **source_environ(servers.sim_url), "ENRICHMENT_DATABASE_URL": servers.facts_url,
+        "ELASTICSEARCH_URL": servers.es_url, "ENRICHMENT_INDEX_ALIAS": servers.alias,
+        "ENRICHMENT_SENSOR_INTERVAL_SECONDS": str(sensor_interval),
+        "ENRICHMENT_SENSOR_MAX_PAIRS": str(SENSOR_MAX_PAIRS),
+    }
+    return stack.enter_context(LocalDagster(home or servers.tmp / "dagster", env,
+                                            max_concurrent_runs=max_concurrent_runs, postgres_url=servers.dagster_url))
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=50.0, help="events per second (default 50)")
@@ -855,47 +923,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         stream = referenced_first(graph)
     warm_events, idle_events = stream[:warm], stream[warm : warm + per_phase]
     busy_events = stream[warm + per_phase : warm + 2 * per_phase]
-    alias = f"bench-staleness-{secrets.token_hex(4)}"
 
     with ExitStack() as stack:  # stops every server and process it started, Ctrl-C included
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-staleness-")))
-        sim_url = stack.enter_context(simulator_process(scale, args.latency_ms, tmp / "simulator.log"))
-        es_url = stack.enter_context(elasticsearch_server())
-        server_url = stack.enter_context(postgres_server())
-        facts_url = stack.enter_context(fresh_database(server_url))
-        dagster_url = (dagster_postgres_url(stack.enter_context(fresh_database(server_url)))
-                       if args.dagster_storage == "postgres" else None)
-        store = FactStore.from_url(facts_url)
-        stack.callback(store.dispose)
-        store.migrate()
-        index = SearchIndex.from_url(es_url, alias=alias)
-        stack.callback(index.close)
-        index.ensure()
-        stack.callback(lambda: [index.client.indices.delete(index=name) for name in index.current_indices()])
-        api_env = {**os.environ, "ENRICHMENT_DATABASE_URL": facts_url}
-        api_env.pop("ENRICHMENT_API_TOKEN", None)
-        api_url = stack.enter_context(api_server(api_env, tmp / "serve.log"))
+        servers = start_servers(stack, name="staleness", scale=scale, latency_ms=args.latency_ms,
+                                dagster_storage=args.dagster_storage)
+        store = servers.store
         environment = [
             describe_server(store.engine),
-            f"{describe_search(index.client)}; simulator scale {scale:g}, {args.latency_ms:g} ms per request",
+            f"{describe_search(servers.index.client)}; simulator scale {scale:g}, {args.latency_ms:g} ms per request",
             f"Dagster {version('dagster')}: sensor every {args.sensor_interval} s, at most {SENSOR_MAX_PAIRS} "
             f"(type, partition) pairs per tick, one run per partition, max_concurrent_runs {args.max_concurrent_runs}, one hydration step per source "
             f"pool, in-process executor, {args.dagster_storage} storage; {os.cpu_count()} CPUs",
         ]
 
-        cpu = partial(cpu_snapshot, make_url(server_url).port)
-        ingest_at_rate(api_url, "warm-up", warm_events, args.rate, cpu=cpu)
-        idle = ingest_at_rate(api_url, "idle, no Dagster", idle_events, args.rate, cpu=cpu)
-        dagster_env = {
-            **source_environ(sim_url), "ENRICHMENT_DATABASE_URL": facts_url, "ELASTICSEARCH_URL": es_url,
-            "ENRICHMENT_INDEX_ALIAS": alias, "ENRICHMENT_SENSOR_INTERVAL_SECONDS": str(args.sensor_interval),
-            "ENRICHMENT_SENSOR_MAX_PAIRS": str(SENSOR_MAX_PAIRS),
-        }
+        cpu = partial(cpu_snapshot, servers.postgres_port)
+        ingest_at_rate(servers.api_url, "warm-up", warm_events, args.rate, cpu=cpu)
+        idle = ingest_at_rate(servers.api_url, "idle, no Dagster", idle_events, args.rate, cpu=cpu)
         started = time.monotonic()
         with console.status("starting dagster-webserver and dagster-daemon"):
-            dagster = stack.enter_context(LocalDagster(
-                args.dagster_home or tmp / "dagster", dagster_env,
-                max_concurrent_runs=args.max_concurrent_runs, postgres_url=dagster_url))
+            dagster = start_dagster(stack, servers, home=args.dagster_home, sensor_interval=args.sensor_interval,
+                                    max_concurrent_runs=args.max_concurrent_runs)
         loaded = time.monotonic() - started
         drained = drain(store, args.drain_timeout)
         backlog = warm + per_phase
@@ -906,8 +953,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             warmup = (f"[red]Warm-up: the idle backlog was not drained in {args.drain_timeout:.0f} s; the "
                       "measured phase started behind it[/red]")
         measured_from = time.time()
-        busy, staleness = measure(api_url, busy_events, args.rate, graph, es_url, alias, facts_url,
-                                  args.give_up_seconds, cpu)
+        busy, staleness = measure(servers.api_url, busy_events, args.rate, graph, servers.es_url, servers.alias,
+                                  servers.facts_url, args.give_up_seconds, cpu)
         with console.status("waiting for the runs in flight to finish, then reading Dagster's record"):
             runs = finished_runs(dagster, measured_from - 60)
             ticks = sensor_ticks(dagster, measured_from)
