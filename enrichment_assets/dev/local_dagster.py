@@ -98,6 +98,7 @@ class LocalDagster:
         self.code_server_port = free_port()
         self._processes: list[subprocess.Popen[bytes]] = []
         self._names: list[str] = []
+        self._commands: dict[str, list[str]] = {}
 
     @property
     def url(self) -> str:
@@ -145,6 +146,29 @@ class LocalDagster:
             start_new_session=True, preexec_fn=partial(die_with_parent, os.getpid()),
         ))
         self._names.append(name)
+        self._commands[name] = command
+
+    def pid(self, name: str) -> int:
+        """The pid of one of the processes this started: ``code-server``, ``webserver`` or ``daemon``."""
+        return self._processes[self._names.index(name)].pid
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Signal one process's group (the fault tests kill the daemon mid-tick) and wait for it to end.
+        Run workers are the code server's children: killing the daemon or the webserver leaves them be."""
+        process = self._processes[self._names.index(name)]
+        _signal_group(process, sig)
+        process.wait(timeout=30)
+
+    def restart(self, name: str, *, timeout: float = 120) -> None:
+        """Start a process again, with the command it was first started with, after ``kill``."""
+        index = self._names.index(name)
+        if self._processes[index].poll() is None:
+            raise RuntimeError(f"dagster {name} is still running (pid {self._processes[index].pid}); kill it first")
+        del self._processes[index], self._names[index]
+        self._spawn(name, self._commands[name])
+        if name == "code-server":
+            self._wait_code_server(timeout=timeout)
+        self.wait_loaded(timeout=timeout)
 
     def _wait_code_server(self, *, timeout: float) -> None:
         """Until the code server accepts connections: it listens once the code location is imported."""
@@ -210,6 +234,7 @@ class LocalDagster:
             except subprocess.TimeoutExpired:
                 pass
         self._processes, self._names = [], []
+        self._commands = {}
 
     def __enter__(self) -> LocalDagster:
         return self.start()
