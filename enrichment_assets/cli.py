@@ -9,10 +9,10 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from enrichment_assets.console import console, status_table
+from enrichment_assets.dev.simulator.cli import simulate
 from enrichment_assets.events import EventBatchError, validate_lines
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.settings import ConfigError, Settings
-from enrichment_assets.dev.simulator.cli import simulate
 
 
 def _settings() -> Settings:
@@ -67,13 +67,16 @@ def ingest(source: Path) -> None:
     out = console(stderr=True)
     try:
         with Progress(
-            TextColumn("validating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=out, transient=True, disable=len(lines) < 50_000,
+            TextColumn("validating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=out,
+            transient=True,
+            disable=len(lines) < 50_000,
         ) as progress:
             task = progress.add_task("validate", total=len(lines))
-            events = validate_lines(
-                progress.track(lines, task_id=task), entity_types=settings.entity_types
-            )
+            events = validate_lines(progress.track(lines, task_id=task), entity_types=settings.entity_types)
     except EventBatchError as error:
         for problem in error.problems:
             out.print(f"[red]line {problem.line}[/red]: {problem.message}", soft_wrap=True)
@@ -91,8 +94,12 @@ def ingest(source: Path) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--access-log/--no-access-log", default=False, show_default=True,
-              help="Log a line per request (about a fifth of a small request's cost in the server).")
+@click.option(
+    "--access-log/--no-access-log",
+    default=False,
+    show_default=True,
+    help="Log a line per request (about a fifth of a small request's cost in the server).",
+)
 def serve(host: str, port: int, access_log: bool) -> None:
     """Serve the ingest and read API under uvicorn.
 
@@ -152,8 +159,13 @@ def policy_validate(path: Path) -> None:
 @main.command("enrich-once")
 @click.option("--type", "entity_types", multiple=True, help="Only these entity types (default: all).")
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 10_000))
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="Worker processes claiming side by side (PostgreSQL only: they share leases and source limits).")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Worker processes claiming side by side (PostgreSQL only: they share leases and source limits).",
+)
 def enrich_once_command(entity_types: tuple[str, ...], batch_size: int, workers: int) -> None:
     """Run one enrichment cycle over every type's due work: claim, walk, settle and index, the same steps
     the Dagster assets run (for scripts and benchmarks; Dagster runs are the production path)."""
@@ -167,23 +179,32 @@ def enrich_once_command(entity_types: tuple[str, ...], batch_size: int, workers:
         raise click.ClickException(f"unknown entity types {sorted(unknown)}; declared: {sorted(settings.entity_types)}")
     store = _open_store(settings)
     if workers > 1 and store.engine.dialect.name != "postgresql":
-        raise click.ClickException("--workers needs a PostgreSQL fact store (ENRICHMENT_DATABASE_URL=postgresql://...): "
-                                   "workers share their leases and the sources' limits through it")
+        raise click.ClickException(
+            "--workers needs a PostgreSQL fact store (ENRICHMENT_DATABASE_URL=postgresql://...): "
+            "workers share their leases and the sources' limits through it"
+        )
     index = _open_search(settings, required=False)
     options = {"entity_types": entity_types or None, "batch_size": batch_size}
     with console(stderr=True).status(f"enriching with {workers} worker{'s' if workers > 1 else ''}"):
         if workers > 1:
-            result = enrich_with_workers(settings.database_url, settings.policy, workers=workers,
-                                         elasticsearch_url=settings.elasticsearch_url,
-                                         index_alias=settings.index_alias, **options)
+            result = enrich_with_workers(
+                settings.database_url,
+                settings.policy,
+                workers=workers,
+                elasticsearch_url=settings.elasticsearch_url,
+                index_alias=settings.index_alias,
+                **options,
+            )
             reports, sources, indexed = result.reports, result.sources, result.indexed
         else:
             reports, sources, indexed = enrich_once(store, settings.policy, index=index, **options)
     for table in cycle_table(reports, sources):
         console().print(table)
     if indexed is not None:
-        console().print(f"search: indexed {indexed.indexed:,}, deleted {indexed.deleted:,}, "
-                        f"failed {len(indexed.failures):,} (retried next time)")
+        console().print(
+            f"search: indexed {indexed.indexed:,}, deleted {indexed.deleted:,}, "
+            f"failed {len(indexed.failures):,} (retried next time)"
+        )
 
 
 @main.command()
@@ -237,17 +258,25 @@ def reindex(full: bool) -> None:
     store = _open_store(settings)
     if full:
         total = sum(sum(s.counts.values()) - s.counts.get("deleted", 0) for s in store.status())
-        with Progress(TextColumn("rebuilding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console(stderr=True)) as progress:
+        with Progress(
+            TextColumn("rebuilding"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console(stderr=True),
+        ) as progress:
             task = progress.add_task("rebuild", total=total)
             name, report = rebuild_index(store, settings.policy, index, progress=lambda n: progress.advance(task, n))
-        console().print(f"rebuilt {name}: {report.indexed:,} documents; alias {index.alias} swapped atomically",
-                        soft_wrap=True)
+        console().print(
+            f"rebuilt {name}: {report.indexed:,} documents; alias {index.alias} swapped atomically", soft_wrap=True
+        )
     else:
         report = sync_index(store, settings.policy, index)
         index.refresh()
-        console().print(f"indexed {report.indexed:,}, deleted {report.deleted:,}, already newer {report.superseded:,}",
-                        soft_wrap=True)
+        console().print(
+            f"indexed {report.indexed:,}, deleted {report.deleted:,}, already newer {report.superseded:,}",
+            soft_wrap=True,
+        )
     for doc_id, reason in list(report.failures.items())[:20]:
         console(stderr=True).print(f"[red]{doc_id}[/red]: {reason}", soft_wrap=True)
     if report.failures:

@@ -66,9 +66,14 @@ def policy_tables(policy: Policy) -> list[Table]:
     for column in ("source", "base URL", "req/s", "concurrency", "timeout", "batch"):
         sources.add_column(column)
     for name, source in sorted(policy.sources.items()):
-        sources.add_row(name, source.resolved_base_url(), f"{source.requests_per_second:g}",
-                        str(source.max_concurrency), f"{source.timeout_seconds:g}s",
-                        str(source.max_batch_size or "-"))
+        sources.add_row(
+            name,
+            source.resolved_base_url(),
+            f"{source.requests_per_second:g}",
+            str(source.max_concurrency),
+            f"{source.timeout_seconds:g}s",
+            str(source.max_batch_size or "-"),
+        )
     types = Table(title="Entity types", title_justify="left")
     for column in ("type", "source", "path", "references"):
         types.add_column(column)
@@ -81,42 +86,83 @@ def policy_tables(policy: Policy) -> list[Table]:
     for name in sorted(policy.entity_types):
         effective = policy.effective(name)
         for rule in effective.edges:
-            edges.add_row(name, rule.relation, policy.edge_target_type(name, rule), " -> ".join(rule.path),
-                          humanize_seconds(effective.staleness_budget.total_seconds()),
-                          humanize_seconds(effective.refresh_interval.total_seconds()))
+            edges.add_row(
+                name,
+                rule.relation,
+                policy.edge_target_type(name, rule),
+                " -> ".join(rule.path),
+                humanize_seconds(effective.staleness_budget.total_seconds()),
+                humanize_seconds(effective.refresh_interval.total_seconds()),
+            )
     branches = Table(title="Dagster branches (one per type with a policy)", title_justify="left")
     for column in ("type", "source", "calls sources", "budget", "refresh", "max attempts", "priority"):
         branches.add_column(column)
     for name in sorted(policy.entity_types):
         if name not in policy.policies:
-            branches.add_row(name, "[yellow]no policy: hydrated only as a hop, never enriched itself[/yellow]",
-                             "", "", "", "", "")
+            branches.add_row(
+                name, "[yellow]no policy: hydrated only as a hop, never enriched itself[/yellow]", "", "", "", "", ""
+            )
             continue
         effective = policy.effective(name)
-        branches.add_row(name, policy.entity_types[name].source, ", ".join(policy.sources_touched(name)),
-                         humanize_seconds(effective.staleness_budget.total_seconds()),
-                         humanize_seconds(effective.refresh_interval.total_seconds()),
-                         str(effective.max_attempts), str(effective.priority))
+        branches.add_row(
+            name,
+            policy.entity_types[name].source,
+            ", ".join(policy.sources_touched(name)),
+            humanize_seconds(effective.staleness_budget.total_seconds()),
+            humanize_seconds(effective.refresh_interval.total_seconds()),
+            str(effective.max_attempts),
+            str(effective.priority),
+        )
     return [sources, types, edges, branches]
 
 
 def cycle_table(reports: list, sources: dict[str, dict]) -> list[Table]:
     """Per-type results of an enrichment cycle, and per-source call counts."""
     types = Table(title="Enrichment cycle", title_justify="left")
-    for column in ("entity type", "claimed", "fetched", "cache hits", "prefetched", "enriched", "partial", "failed",
-                   "deferred", "quarantined", "edges +", "edges -"):
+    for column in (
+        "entity type",
+        "claimed",
+        "fetched",
+        "cache hits",
+        "prefetched",
+        "enriched",
+        "partial",
+        "failed",
+        "deferred",
+        "quarantined",
+        "edges +",
+        "edges -",
+    ):
         types.add_column(column, justify="left" if column == "entity type" else "right")
     for r in reports:
         res = r.result
-        types.add_row(r.entity_type, str(r.claimed), str(r.fetched), str(r.cache_hits), str(r.prefetched), str(res.enriched),
-                      str(res.partial), str(res.failed), str(res.deferred), str(res.quarantined),
-                      str(res.edges_asserted), str(res.edges_retracted))
+        types.add_row(
+            r.entity_type,
+            str(r.claimed),
+            str(r.fetched),
+            str(r.cache_hits),
+            str(r.prefetched),
+            str(res.enriched),
+            str(res.partial),
+            str(res.failed),
+            str(res.deferred),
+            str(res.quarantined),
+            str(res.edges_asserted),
+            str(res.edges_retracted),
+        )
     calls = Table(title="Source calls", title_justify="left")
     for column in ("source", "requests", "entities", "retries", "429s", "errors", "circuit"):
         calls.add_column(column, justify="left" if column == "source" else "right")
     for name, stats in sorted(sources.items()):
-        calls.add_row(name, str(stats["requests"]), str(stats["entities_requested"]), str(stats["retries"]),
-                      str(stats["throttled"]), str(stats["errors"]), "open" if stats["circuit_open"] else "closed")
+        calls.add_row(
+            name,
+            str(stats["requests"]),
+            str(stats["entities_requested"]),
+            str(stats["retries"]),
+            str(stats["throttled"]),
+            str(stats["errors"]),
+            "open" if stats["circuit_open"] else "closed",
+        )
     return [types, calls]
 
 
@@ -134,8 +180,9 @@ def edges_table(edges: list[dict], now: datetime, *, incoming: bool = False) -> 
     for edge in edges:
         hops = " -> ".join(f"{t} {i}" for t, i in edge["path"][1:-1]) or "directly"
         other = f"{edge['src_type']} {edge['src_id']}" if incoming else f"{edge['dst_type']} {edge['dst_id']}"
-        table.add_row(edge["relation"], other, hops,
-                      humanize_seconds((now - edge["asserted_at"]).total_seconds()) + " ago")
+        table.add_row(
+            edge["relation"], other, hops, humanize_seconds((now - edge["asserted_at"]).total_seconds()) + " ago"
+        )
     if not edges:
         table.caption = "no derived edges" + (" into it" if incoming else "")
     return table
@@ -157,13 +204,18 @@ def search_table(hits: list[dict], now: datetime) -> Table:
 
 
 def reconcile_table(report) -> Table:  # type: ignore[no-untyped-def]
-    table = Table(title=f"Fact store vs search index: {'in sync' if report.in_sync else 'DIFFERENT'} "
-                        f"({report.checked:,} documents checked)", title_justify="left")
+    table = Table(
+        title=f"Fact store vs search index: {'in sync' if report.in_sync else 'DIFFERENT'} "
+        f"({report.checked:,} documents checked)",
+        title_justify="left",
+    )
     for column in ("entity type", "fact store", "index"):
         table.add_column(column, justify="left" if column == "entity type" else "right")
     for etype, (in_store, in_index) in report.counts.items():
         table.add_row(etype, f"{in_store:,}", f"{in_index:,}")
-    table.caption = (f"missing {len(report.missing)}, stale {len(report.stale)}, ahead of the store "
-                     f"{len(report.ahead)}, extra {len(report.extra)}"
-                     + (f"; repaired: {report.repaired.indexed} re-indexed" if report.repaired else ""))
+    table.caption = (
+        f"missing {len(report.missing)}, stale {len(report.stale)}, ahead of the store "
+        f"{len(report.ahead)}, extra {len(report.extra)}"
+        + (f"; repaired: {report.repaired.indexed} re-indexed" if report.repaired else "")
+    )
     return table

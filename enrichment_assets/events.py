@@ -159,7 +159,5 @@ def validate_lines(lines: Iterable[tuple[int, str]], *, entity_types: Collection
             continue
         events.append(event)
     if problems:
-        raise EventBatchError(
-            status, problems[:MAX_REPORTED_PROBLEMS], truncated=len(problems) > MAX_REPORTED_PROBLEMS
-        )
+        raise EventBatchError(status, problems[:MAX_REPORTED_PROBLEMS], truncated=len(problems) > MAX_REPORTED_PROBLEMS)
     return events

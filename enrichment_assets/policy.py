@@ -186,29 +186,52 @@ class Policy(_Model):
         problems: list[tuple[tuple[str | int, ...], str]] = []
         for name, etype in self.entity_types.items():
             if etype.source not in self.sources:
-                problems.append(((("entity_types", name, "source")), f"unknown source {etype.source!r}; "
-                                 f"declared: {sorted(self.sources)}"))
+                problems.append(
+                    (
+                        (("entity_types", name, "source")),
+                        f"unknown source {etype.source!r}; declared: {sorted(self.sources)}",
+                    )
+                )
             elif etype.batch_path and self.sources[etype.source].max_batch_size is None:
-                problems.append((("entity_types", name, "batch_path"),
-                                 f"source {etype.source!r} sets no max_batch_size for batch requests"))
+                problems.append(
+                    (
+                        ("entity_types", name, "batch_path"),
+                        f"source {etype.source!r} sets no max_batch_size for batch requests",
+                    )
+                )
             for ref_name, ref in etype.references.items():
                 if ref.type not in self.entity_types:
-                    problems.append((("entity_types", name, "references", ref_name, "type"),
-                                     f"unknown entity type {ref.type!r}; declared: {sorted(self.entity_types)}"))
+                    problems.append(
+                        (
+                            ("entity_types", name, "references", ref_name, "type"),
+                            f"unknown entity type {ref.type!r}; declared: {sorted(self.entity_types)}",
+                        )
+                    )
         for name, policy in self.policies.items():
             if name not in self.entity_types:
-                problems.append((("policies", name), f"unknown entity type {name!r}; declared: {sorted(self.entity_types)}"))
+                problems.append(
+                    (("policies", name), f"unknown entity type {name!r}; declared: {sorted(self.entity_types)}")
+                )
                 continue
             relations = [rule.relation for rule in policy.edges]
             for index, rule in enumerate(policy.edges):
                 if relations.count(rule.relation) > 1:
-                    problems.append((("policies", name, "edges", index, "relation"), f"relation {rule.relation!r} is declared twice"))
+                    problems.append(
+                        (
+                            ("policies", name, "edges", index, "relation"),
+                            f"relation {rule.relation!r} is declared twice",
+                        )
+                    )
                 current = name
                 for hop, ref_name in enumerate(rule.path):
                     refs = self.entity_types[current].references if current in self.entity_types else {}
                     if ref_name not in refs:
-                        problems.append((("policies", name, "edges", index, "path", hop),
-                                         f"{ref_name!r} is not a reference of {current}; it has: {sorted(refs) or 'none'}"))
+                        problems.append(
+                            (
+                                ("policies", name, "edges", index, "path", hop),
+                                f"{ref_name!r} is not a reference of {current}; it has: {sorted(refs) or 'none'}",
+                            )
+                        )
                         break
                     current = refs[ref_name].type
         if problems:
@@ -285,7 +308,9 @@ def load_policy(path: Path | str) -> Policy:
     try:
         text = path.read_text()
     except OSError as error:
-        raise PolicyError(path, [PolicyProblem("(file)", f"cannot read policy file: {error.strerror}", None)]) from error
+        raise PolicyError(
+            path, [PolicyProblem("(file)", f"cannot read policy file: {error.strerror}", None)]
+        ) from error
     return parse_policy(text, source_name=str(path))
 
 
@@ -295,8 +320,9 @@ def parse_policy(text: str, *, source_name: str = "<policy>") -> Policy:
         lines = _key_lines(yaml.compose(text))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        raise PolicyError(source_name, [PolicyProblem("(yaml)", str(error).splitlines()[0],
-                                                      mark.line + 1 if mark else None)]) from error
+        raise PolicyError(
+            source_name, [PolicyProblem("(yaml)", str(error).splitlines()[0], mark.line + 1 if mark else None)]
+        ) from error
     if not isinstance(document, dict):
         raise PolicyError(source_name, [PolicyProblem("(root)", "the policy file must be a mapping", 1)])
     try:

@@ -92,11 +92,13 @@ class HostileSource:
         self.raw_paths: list[bytes] = []
         self.port = 0
         self._stacked_bomb = stacked_gzip_bomb(STACKED_BOMB_BYTES)
-        self._app = Starlette(routes=[
-            Route("/good/things/{id}", self._thing),
-            Route("/hostile/lures/{case}", self._lure),
-            Route("/hostile/targets/{rest:path}", self._target),
-        ])
+        self._app = Starlette(
+            routes=[
+                Route("/good/things/{id}", self._thing),
+                Route("/hostile/lures/{case}", self._lure),
+                Route("/hostile/targets/{rest:path}", self._target),
+            ]
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -123,26 +125,32 @@ class HostileSource:
 
     def _hostile(self, case: str) -> Response:
         if case == "oversize":
-            return StreamingResponse(_filler(OVERSIZE_BYTES), media_type="application/json",
-                                     headers={"content-length": str(OVERSIZE_BYTES + 12)})
+            return StreamingResponse(
+                _filler(OVERSIZE_BYTES),
+                media_type="application/json",
+                headers={"content-length": str(OVERSIZE_BYTES + 12)},
+            )
         if case == "oversize-chunked":
             return StreamingResponse(_filler(OVERSIZE_BYTES), media_type="application/json")
         if case == "trickle":
             return StreamingResponse(_trickle(), media_type="application/json")
         if case == "gzip-bomb":
-            return StreamingResponse(_in_chunks(gzip_bomb(BOMB_BYTES)), media_type="application/json",
-                                     headers={"content-encoding": "gzip"})
+            return StreamingResponse(
+                _in_chunks(gzip_bomb(BOMB_BYTES)), media_type="application/json", headers={"content-encoding": "gzip"}
+            )
         if case == "gzip-bomb-stacked":
-            return Response(self._stacked_bomb, media_type="application/json",
-                            headers={"content-encoding": "gzip, gzip"})
+            return Response(
+                self._stacked_bomb, media_type="application/json", headers={"content-encoding": "gzip, gzip"}
+            )
         if case == "redirect":
             # Another host name for this same server: a request that followed it would be recorded.
             return Response(status_code=302, headers={"location": f"http://localhost:{self.port}/stolen"})
         if case == "html":
             return Response(json.dumps({"id": case, "targets": []}), media_type="text/html")
         if case == "deep":
-            return Response(b'{"id": "deep", "x": ' + b"[" * NESTING + b"]" * NESTING + b"}",
-                            media_type="application/json")
+            return Response(
+                b'{"id": "deep", "x": ' + b"[" * NESTING + b"]" * NESTING + b"}", media_type="application/json"
+            )
         return JSONResponse({"error": "not found"}, status_code=404)
 
 

@@ -72,6 +72,7 @@ def main(argv: list[str]) -> None:
             assert parent is not None, f"no run {argv[1]}"
             options = dg.ReexecutionOptions.from_failure(parent.run_id, instance)
             tags = {"dagster/partition": parent.tags["dagster/partition"]}
-        with dg.execute_job(dg.reconstructable(reexec_job), instance=instance, tags=tags,
-                            reexecution_options=options) as result:
+        with dg.execute_job(
+            dg.reconstructable(reexec_job), instance=instance, tags=tags, reexecution_options=options
+        ) as result:
             sys.stdout.write(f"{result.run_id}\n")

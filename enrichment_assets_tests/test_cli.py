@@ -92,11 +92,23 @@ def test_demo_lets_dagster_enrich_everything_then_keeps_the_ui_up_until_ctrl_c(
     import httpx
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ENRICHMENT_", "DAGSTER_", "DEMO_"))}
-    env.update({"ELASTICSEARCH_URL": elasticsearch_url, "ENRICHMENT_INDEX_ALIAS": f"demo-{tmp_path.name.lower()}",
-                "COLUMNS": "200"})
-    demo = subprocess.Popen([str(Path(sys.executable).parent / "enrichment"), "demo"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    env.update(
+        {
+            "ELASTICSEARCH_URL": elasticsearch_url,
+            "ENRICHMENT_INDEX_ALIAS": f"demo-{tmp_path.name.lower()}",
+            "COLUMNS": "200",
+        }
+    )
+    demo = subprocess.Popen(
+        [str(Path(sys.executable).parent / "enrichment"), "demo"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     output = []
     try:
         for line in demo.stdout:  # type: ignore[union-attr]
@@ -126,13 +138,15 @@ def test_demo_lets_dagster_enrich_everything_then_keeps_the_ui_up_until_ctrl_c(
     assert str(tmp_path) not in leftovers, leftovers
 
 
-def test_search_reindex_reconcile_and_edges_commands(env: str, monkeypatch: pytest.MonkeyPatch,
-                                                      elasticsearch_url: str) -> None:
+def test_search_reindex_reconcile_and_edges_commands(
+    env: str, monkeypatch: pytest.MonkeyPatch, elasticsearch_url: str
+) -> None:
     monkeypatch.setenv("ELASTICSEARCH_URL", elasticsearch_url)
     monkeypatch.setenv("ENRICHMENT_INDEX_ALIAS", f"cli-{env.rsplit('/', 1)[-1].lower()[:20]}-{id(env)}")
     runner = CliRunner()
-    line = "\n".join(json.dumps({"entity_type": "thing", "entity_id": f"lamp-{i}", "event_type": "created"})
-                     for i in range(3))
+    line = "\n".join(
+        json.dumps({"entity_type": "thing", "entity_id": f"lamp-{i}", "event_type": "created"}) for i in range(3)
+    )
     assert runner.invoke(main, ["ingest", "-"], input=line).exit_code == 0
     reindexed = runner.invoke(main, ["reindex"])
     assert reindexed.exit_code == 0 and "indexed 3" in reindexed.output, reindexed.output
@@ -160,12 +174,21 @@ def test_edges_command_shows_incoming_edges_with_a_limit(env: str) -> None:
 
     store = FactStore.from_url(env)
     store.migrate()
-    store.ingest_events([Event(entity_type="thing", entity_id=f"s{i}", event_type="created") for i in range(3)]
-                        + [Event(entity_type="other", entity_id="hub", event_type="created")])
+    store.ingest_events(
+        [Event(entity_type="thing", entity_id=f"s{i}", event_type="created") for i in range(3)]
+        + [Event(entity_type="other", entity_id="hub", event_type="created")]
+    )
     claims = store.claim("thing", limit=10, owner="w", lease=timedelta(minutes=1))
-    store.finish("w", [Outcome.of(c, "enriched", attributes={},
-                                  edges=(DerivedEdge("near", "other", "hub", (c.key, ("other", "hub"))),))
-                       for c in claims], RetryPolicy())
+    store.finish(
+        "w",
+        [
+            Outcome.of(
+                c, "enriched", attributes={}, edges=(DerivedEdge("near", "other", "hub", (c.key, ("other", "hub"))),)
+            )
+            for c in claims
+        ],
+        RetryPolicy(),
+    )
     result = CliRunner().invoke(main, ["edges", "other", "hub", "--incoming", "--limit", "2"], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     assert "thing s0" in result.output and "thing s1" in result.output and "thing s2" not in result.output

@@ -8,8 +8,8 @@ import logging
 import threading
 
 import pytest
-from dagster._grpc.server import DagsterApiServer
 from dagster._core.utils import FuturesAwareThreadPoolExecutor
+from dagster._grpc.server import DagsterApiServer
 
 from enrichment_assets.dev import codeserver
 

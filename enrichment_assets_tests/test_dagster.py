@@ -16,10 +16,10 @@ import dagster as dg
 import pytest
 from sqlalchemy.engine import make_url
 
+from enrichment_assets.defs.resources import FactStoreResource
+from enrichment_assets.dev.local_dagster import write_instance_yaml
 from enrichment_assets.events import Event
 from enrichment_assets.factstore import FactStore
-from enrichment_assets.dev.local_dagster import write_instance_yaml
-from enrichment_assets.defs.resources import FactStoreResource
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,11 @@ def test_workspace_loads_like_dagster_dev(tmp_path: Path) -> None:
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
     result = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "All code locations passed validation" in result.stdout + result.stderr
@@ -40,7 +44,9 @@ def test_fact_store_summary_materializes(database_url: str) -> None:
     store = FactStore.from_url(database_url)
     store.ingest_events([Event(entity_type="thing", entity_id=str(i), event_type="created") for i in range(3)])
     store.claim("thing", limit=1, owner="w", lease=timedelta(minutes=1))
-    result = dg.materialize([fact_store_summary], resources={"fact_store": FactStoreResource(database_url=database_url)})
+    result = dg.materialize(
+        [fact_store_summary], resources={"fact_store": FactStoreResource(database_url=database_url)}
+    )
     assert result.success
     frame = result.output_for_node("fact_store_summary")
     assert frame.to_dict("records")[0]["count"] == 3
@@ -71,7 +77,9 @@ def assert_launches_side_by_side(instance: dg.DagsterInstance, *, max_runs: int)
     assert coordinator.dequeue_use_threads and coordinator.dequeue_num_workers == 4
     assert coordinator.dequeue_interval_seconds == 2
     assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == max_runs
-    assert instance.get_concurrency_config().pool_config.default_pool_limit is None, "no pools: source limits live in the fact store"
+    assert instance.get_concurrency_config().pool_config.default_pool_limit is None, (
+        "no pools: source limits live in the fact store"
+    )
 
 
 def test_local_instance_config_loads_with_threaded_dequeue(tmp_path: Path) -> None:
@@ -121,7 +129,7 @@ def test_local_dagster_processes_stop_when_their_parent_is_killed(tmp_path: Path
 import sys, time
 from pathlib import Path
 from enrichment_assets.dev.local_dagster import LocalDagster
-dagster = LocalDagster(Path({str(tmp_path / 'home')!r}), {{"ENRICHMENT_DATABASE_URL": "sqlite:///{tmp_path}/facts.db"}})
+dagster = LocalDagster(Path({str(tmp_path / "home")!r}), {{"ENRICHMENT_DATABASE_URL": "sqlite:///{tmp_path}/facts.db"}})
 dagster.start()
 print(*[p.pid for p in dagster._processes], flush=True)
 time.sleep(600)

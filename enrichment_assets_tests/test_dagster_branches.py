@@ -6,7 +6,6 @@ asset checks."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,20 +14,19 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from enrichment_assets.defs.names import BRANCH_STEPS, INCREMENTAL, MODE_TAG
 from enrichment_assets.defs.definitions import build_definitions
-from enrichment_assets.events import Event
-from enrichment_assets.factstore import FactStore
-from enrichment_assets.factstore.schema import entities
-from enrichment_assets.policy import Policy, load_policy
+from enrichment_assets.defs.names import BRANCH_STEPS, ENRICHMENT_JOB, INCREMENTAL, MODE_TAG, TYPES_TAG, due_tag
 from enrichment_assets.defs.resources import FactStoreResource, SearchResource, SourcesResource
-from enrichment_assets.search import SearchIndex
-from enrichment_assets.search.documents import document_id
-from enrichment_assets.defs.names import ENRICHMENT_JOB, TYPES_TAG, due_tag
-from enrichment_assets.settings import SHIPPED_POLICY
 from enrichment_assets.dev.simulator.events import thin_events
 from enrichment_assets.dev.simulator.graph import MdsGraph, generate_graph
 from enrichment_assets.dev.simulator.server import SimulatorServer, simulator_server
+from enrichment_assets.events import Event
+from enrichment_assets.factstore import FactStore
+from enrichment_assets.factstore.schema import entities
+from enrichment_assets.policy import load_policy
+from enrichment_assets.search import SearchIndex
+from enrichment_assets.search.documents import document_id
+from enrichment_assets.settings import SHIPPED_POLICY
 
 MDS = load_policy(SHIPPED_POLICY)
 SCALE = 0.02
@@ -97,8 +95,14 @@ def move_first_seen(store: FactStore, entity_type: str, ids: list[str], when: da
         )
 
 
-def run_branch(defs: dg.Definitions, entity_type: str, partition: str, resources: dict[str, Any],
-               instance: dg.DagsterInstance, tags: dict[str, str] | None = None) -> dg.ExecuteInProcessResult:
+def run_branch(
+    defs: dg.Definitions,
+    entity_type: str,
+    partition: str,
+    resources: dict[str, Any],
+    instance: dg.DagsterInstance,
+    tags: dict[str, str] | None = None,
+) -> dg.ExecuteInProcessResult:
     job = defs.resolve_job_def(f"{entity_type}_enrichment")
     return job.execute_in_process(partition_key=partition, instance=instance, resources=resources, tags=tags)
 
@@ -117,7 +121,7 @@ def test_every_policy_type_is_a_branch_fed_by_its_source_systems(defs: dg.Defini
     for entity_type in MDS.policies:
         chain = [dg.AssetKey([entity_type, step]) for step in BRANCH_ASSETS]
         assert set(chain) <= keys
-        for upstream, downstream in zip(chain, chain[1:]):
+        for upstream, downstream in zip(chain, chain[1:], strict=False):
             assert upstream in graph.get(downstream).parent_keys
         hydrated = graph.get(chain[1])
         sources = {k for k in hydrated.parent_keys if k.path[0] == "sources"}
@@ -130,7 +134,8 @@ def test_every_policy_type_is_a_branch_fed_by_its_source_systems(defs: dg.Defini
         assert freshness.fail_window.to_timedelta() == MDS.effective(entity_type).staleness_budget
     # The 3-hop MDS branch reads from the three systems on its path, and more.
     assert {"model_registry", "pipeline_orchestration", "experimentation_platform"} <= set(
-        MDS.sources_touched("model_instance"))
+        MDS.sources_touched("model_instance")
+    )
     assert all(graph.get(dg.AssetKey(["sources", s])).is_external for s in MDS.sources)
 
 
@@ -139,7 +144,11 @@ def test_every_policy_type_is_a_branch_fed_by_its_source_systems(defs: dg.Defini
 
 @pytest.mark.parametrize("entity_type", sorted(MDS.policies))
 def test_each_branch_materializes_a_partition(
-    entity_type: str, defs: dg.Definitions, resources: dict[str, Any], live_store: FactStore, graph: MdsGraph,
+    entity_type: str,
+    defs: dg.Definitions,
+    resources: dict[str, Any],
+    live_store: FactStore,
+    graph: MdsGraph,
     search_index: SearchIndex,
 ) -> None:
     ingest(live_store, graph)
@@ -161,7 +170,9 @@ def test_each_branch_materializes_a_partition(
     search_index.refresh()
     document = search_index.client.get(index=search_index.alias, id=document_id(entity_type, some_id))["_source"]
     assert document["state"] == "fully_enriched"
-    assert {r["relation"] for r in document.get("relationships", []) if r.get("direction", "out") == "out"} >= set(expected)
+    assert {r["relation"] for r in document.get("relationships", []) if r.get("direction", "out") == "out"} >= set(
+        expected
+    )
     index_meta = metadata(result, entity_type, "index_updates")
     assert index_meta["edge_ends_behind"] == 0
     assert index_meta["documents_indexed"] >= len(graph.entities[entity_type])
@@ -193,7 +204,9 @@ def test_incremental_runs_take_due_work_and_a_recompute_takes_its_whole_slice(
         first = run_branch(defs, "feature", today(), resources, instance, tags={MODE_TAG: INCREMENTAL})
         assert metadata(first, "feature", "candidates")["claimed"] == len(features) - 3, "only today's slice"
         assert {s.entity_type: s.counts for s in live_store.status()}["feature"] == {
-            "fully_enriched": len(features) - 3, "uncached": 3}
+            "fully_enriched": len(features) - 3,
+            "uncached": 3,
+        }
         before = {f: live_store.get_entity("feature", f).last_enriched_at for f in features[3:]}
 
         again = run_branch(defs, "feature", today(), resources, instance, tags={MODE_TAG: INCREMENTAL})
@@ -202,8 +215,9 @@ def test_incremental_runs_take_due_work_and_a_recompute_takes_its_whole_slice(
         recompute = run_branch(defs, "feature", today(), resources, instance)
         assert metadata(recompute, "feature", "candidates")["claimed_refresh"] == len(features) - 3
         assert all(live_store.get_entity("feature", f).last_enriched_at > before[f] for f in features[3:])
-        assert all(live_store.get_entity("feature", f).state == "uncached" for f in features[:3]), \
+        assert all(live_store.get_entity("feature", f).state == "uncached" for f in features[:3]), (
             "yesterday's entities are not in today's partition"
+        )
 
         past = run_branch(defs, "feature", yesterday.strftime("%Y-%m-%d"), resources, instance)
         assert metadata(past, "feature", "candidates")["claimed"] == 3
@@ -211,7 +225,10 @@ def test_incremental_runs_take_due_work_and_a_recompute_takes_its_whole_slice(
 
 
 def test_a_failed_hydration_releases_its_leases(
-    defs: dg.Definitions, resources: dict[str, Any], live_store: FactStore, graph: MdsGraph,
+    defs: dg.Definitions,
+    resources: dict[str, Any],
+    live_store: FactStore,
+    graph: MdsGraph,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from enrichment_assets.hydration import walker
@@ -224,7 +241,8 @@ def test_a_failed_hydration_releases_its_leases(
     monkeypatch.setattr(walker.Walker, "walk", broken)
     with dg.instance_for_test() as instance:
         result = defs.resolve_job_def("feature_enrichment").execute_in_process(
-            partition_key=today(), instance=instance, resources=resources, raise_on_error=False)
+            partition_key=today(), instance=instance, resources=resources, raise_on_error=False
+        )
     assert not result.success
     rows = [live_store.get_entity("feature", f) for f in graph.entities["feature"]]
     assert all(r.claim_owner is None and r.state == "uncached" for r in rows)
@@ -233,11 +251,16 @@ def test_a_failed_hydration_releases_its_leases(
 # -- the sensor and the schedules -------------------------------------------------------------------------
 
 
-def evaluate_sensor(defs: dg.Definitions, instance: dg.DagsterInstance, database: str,
-                    cursor: str | None = None) -> dg.SensorResult:
+def evaluate_sensor(
+    defs: dg.Definitions, instance: dg.DagsterInstance, database: str, cursor: str | None = None
+) -> dg.SensorResult:
     sensor = defs.resolve_sensor_def("uncached_entities_sensor")
-    with dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
-                                 resources={"fact_store": FactStoreResource(database_url=database)}) as context:
+    with dg.build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        definitions=defs,
+        resources={"fact_store": FactStoreResource(database_url=database)},
+    ) as context:
         return sensor(context)
 
 
@@ -261,7 +284,9 @@ def test_sensor_requests_one_run_per_partition_selecting_each_due_type_and_a_rep
         assert idle.run_requests == [] and idle.skip_reason.skip_message == "nothing is due"
 
         ingest(live_store, graph)
-        move_first_seen(live_store, "feature", sorted(graph.entities["feature"])[:2], datetime.now(UTC) - timedelta(days=1))
+        move_first_seen(
+            live_store, "feature", sorted(graph.entities["feature"])[:2], datetime.now(UTC) - timedelta(days=1)
+        )
         first = evaluate_sensor(defs, instance, database, cursor=idle.cursor)
         requested = set(pairs(first))
         yesterday = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%d")
@@ -269,8 +294,9 @@ def test_sensor_requests_one_run_per_partition_selecting_each_due_type_and_a_rep
         # capped per tick (ENRICHMENT_SENSOR_MAX_PAIRS, 8), oldest window first
         assert len(requested) == min(len(expected), 8) and requested <= expected
         assert ("feature_enrichment", yesterday) in requested
-        assert sorted(r.partition_key for r in first.run_requests) == sorted({yesterday, today()}), \
+        assert sorted(r.partition_key for r in first.run_requests) == sorted({yesterday, today()}), (
             "one run per partition, whatever the number of types due in it"
+        )
         [run] = [r for r in first.run_requests if r.partition_key == today()]
         types = run.tags[TYPES_TAG].split(",")
         assert set(run.asset_selection) == {dg.AssetKey([t, step]) for t in types for step in BRANCH_STEPS}
@@ -287,8 +313,8 @@ def test_sensor_requests_one_run_per_partition_selecting_each_due_type_and_a_rep
 
 
 def test_sensor_leaves_a_queued_run_alone_and_gives_a_started_runs_leftovers_their_own_run(
-    defs: dg.Definitions, database: str, live_store: FactStore, graph: MdsGraph
-, monkeypatch: pytest.MonkeyPatch) -> None:
+    defs: dg.Definitions, database: str, live_store: FactStore, graph: MdsGraph, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ENRICHMENT_DATABASE_URL", database)  # the code location binds it with dg.EnvVar
     ingest(live_store, graph)
     pair = ("model_instance_enrichment", today())
@@ -296,8 +322,9 @@ def test_sensor_leaves_a_queued_run_alone_and_gives_a_started_runs_leftovers_the
     job = defs.resolve_job_def("model_instance_enrichment")
     combined_job = defs.resolve_job_def(ENRICHMENT_JOB)
     with dg.instance_for_test() as instance:
-        queued = instance.create_run_for_job(job, run_config={}, tags={"dagster/partition": today()},
-                                             status=dg.DagsterRunStatus.NOT_STARTED)
+        queued = instance.create_run_for_job(
+            job, run_config={}, tags={"dagster/partition": today()}, status=dg.DagsterRunStatus.NOT_STARTED
+        )
         result = evaluate_sensor(defs, instance, database)
         assert pair not in pairs(result), "a run not started yet will claim everything due when it starts"
         assert ("pipeline_run_enrichment", today()) in pairs(result), "other types are not held back"
@@ -305,16 +332,20 @@ def test_sensor_leaves_a_queued_run_alone_and_gives_a_started_runs_leftovers_the
 
         # The same for a queued run of the enrichment job that selects the type among others.
         queued = instance.create_run_for_job(
-            combined_job, run_config={}, status=dg.DagsterRunStatus.NOT_STARTED,
-            tags={"dagster/partition": today(), TYPES_TAG: "team,model_instance"})
+            combined_job,
+            run_config={},
+            status=dg.DagsterRunStatus.NOT_STARTED,
+            tags={"dagster/partition": today(), TYPES_TAG: "team,model_instance"},
+        )
         result = evaluate_sensor(defs, instance, database)
         assert pair not in pairs(result) and ("team_enrichment", today()) not in pairs(result)
         assert ("pipeline_run_enrichment", today()) in pairs(result)
         instance.delete_run(queued.run_id)
 
         # It starts and leases part of the due set; what it did not take gets a run of its own.
-        instance.create_run_for_job(job, run_config={}, tags={"dagster/partition": today()},
-                                    status=dg.DagsterRunStatus.STARTED)
+        instance.create_run_for_job(
+            job, run_config={}, tags={"dagster/partition": today()}, status=dg.DagsterRunStatus.STARTED
+        )
         live_store.claim("model_instance", limit=due - 5, owner="dagster:started", lease=timedelta(minutes=5))
         result = evaluate_sensor(defs, instance, database)
     assert pairs(result)[pair].endswith("|5"), "its due set counts only the 5 entities nobody has leased"
@@ -337,23 +368,28 @@ def test_sensor_asks_for_parallel_runs_of_a_type_whose_due_set_is_more_than_one_
         assert len(runs) == 3, "as many runs as the due set needs, capped by ENRICHMENT_MAX_RUNS_PER_TYPE"
         assert len({r.run_key for r in result.run_requests}) == len(result.run_requests)
         assert sorted(r.tags["enrichment/slot"] for r in runs) == ["0", "1", "2"]
-        assert all(r.run_config["ops"]["model_instance__candidates"]["config"]["limit"] == 10 for r in runs), \
+        assert all(r.run_config["ops"]["model_instance__candidates"]["config"]["limit"] == 10 for r in runs), (
             "each run claims the limit the sensor counted with"
+        )
         assert len([r for r in result.run_requests if "model" in r.tags[TYPES_TAG].split(",")]) == 2
 
         # Three runs of the type in flight: the cap holds until one of them ends.
         job = defs.resolve_job_def(ENRICHMENT_JOB)
-        for request in runs:
-            instance.create_run_for_job(job, run_config={}, status=dg.DagsterRunStatus.STARTED,
-                                        tags={"dagster/partition": today(), TYPES_TAG: "model_instance"})
+        for _ in runs:
+            instance.create_run_for_job(
+                job,
+                run_config={},
+                status=dg.DagsterRunStatus.STARTED,
+                tags={"dagster/partition": today(), TYPES_TAG: "model_instance"},
+            )
         live_store.claim("model_instance", limit=30, owner="dagster:started", lease=timedelta(minutes=5))
         held = evaluate_sensor(defs, instance, database, cursor=result.cursor)
         assert not [r for r in held.run_requests if "model_instance" in r.tags[TYPES_TAG].split(",")]
 
 
 def test_sensor_asks_again_for_a_due_set_whose_run_failed(
-    defs: dg.Definitions, database: str, live_store: FactStore, graph: MdsGraph
-, monkeypatch: pytest.MonkeyPatch) -> None:
+    defs: dg.Definitions, database: str, live_store: FactStore, graph: MdsGraph, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A due set is named by its key, and a failed run leaves the same due set behind: without this the
     pair would wait for the retry sweep."""
     monkeypatch.setenv("ENRICHMENT_DATABASE_URL", database)  # the code location binds it with dg.EnvVar
@@ -365,12 +401,17 @@ def test_sensor_asks_again_for_a_due_set_whose_run_failed(
         key = pairs(first)[pair]
         assert pair not in pairs(evaluate_sensor(defs, instance, database, cursor=first.cursor))
 
-        failed = instance.create_run_for_job(job, run_config={}, status=dg.DagsterRunStatus.FAILURE,
-                                             tags={"dagster/partition": today(), due_tag("model_instance"): key})
+        failed = instance.create_run_for_job(
+            job,
+            run_config={},
+            status=dg.DagsterRunStatus.FAILURE,
+            tags={"dagster/partition": today(), due_tag("model_instance"): key},
+        )
         again = evaluate_sensor(defs, instance, database, cursor=first.cursor)
         assert pairs(again).get(pair) == f"{key}|after-{failed.run_id[:8]}"
-        assert pair not in pairs(evaluate_sensor(defs, instance, database, cursor=again.cursor)), \
+        assert pair not in pairs(evaluate_sensor(defs, instance, database, cursor=again.cursor)), (
             "asked once per failure, not on every tick"
+        )
 
 
 def test_retry_sweep_requests_runs_for_due_retries(
@@ -380,12 +421,15 @@ def test_retry_sweep_requests_runs_for_due_retries(
     schedule = defs.resolve_schedule_def("feature_retry_sweep")
     with dg.instance_for_test() as instance:
         with dg.build_schedule_context(
-            instance=instance, scheduled_execution_time=datetime.now(UTC), repository_def=defs.get_repository_def(),
+            instance=instance,
+            scheduled_execution_time=datetime.now(UTC),
+            repository_def=defs.get_repository_def(),
             resources={"fact_store": FactStoreResource(database_url=database)},
         ) as context:
             requests = list(schedule.evaluate_tick(context).run_requests or [])
     assert [(r.partition_key, r.tags[MODE_TAG], r.tags["enrichment/trigger"]) for r in requests] == [
-        (today(), INCREMENTAL, "retry_sweep")]
+        (today(), INCREMENTAL, "retry_sweep")
+    ]
 
 
 def test_stale_refresh_requests_runs_only_for_entities_past_their_refresh_interval(
@@ -398,21 +442,29 @@ def test_stale_refresh_requests_runs_only_for_entities_past_their_refresh_interv
 
         def tick() -> list[dg.RunRequest]:
             with dg.build_schedule_context(
-                instance=instance, scheduled_execution_time=datetime.now(UTC), repository_def=defs.get_repository_def(),
-                resources={"fact_store": FactStoreResource(database_url=database)}) as context:
+                instance=instance,
+                scheduled_execution_time=datetime.now(UTC),
+                repository_def=defs.get_repository_def(),
+                resources={"fact_store": FactStoreResource(database_url=database)},
+            ) as context:
                 return list(schedule.evaluate_tick(context).run_requests or [])
 
         assert tick() == []
         with live_store.engine.begin() as conn:
-            conn.execute(sa.update(entities).where(entities.c.entity_type == "dataset")
-                         .values(last_enriched_at=datetime.now(UTC) - timedelta(days=2)))
+            conn.execute(
+                sa.update(entities)
+                .where(entities.c.entity_type == "dataset")
+                .values(last_enriched_at=datetime.now(UTC) - timedelta(days=2))
+            )
         assert [r.partition_key for r in tick()] == [today()]
 
 
 # -- asset checks -----------------------------------------------------------------------------------------
 
 
-def run_checks(defs: dg.Definitions, resources: dict[str, Any], instance: dg.DagsterInstance) -> dict[tuple[str, str], Any]:
+def run_checks(
+    defs: dg.Definitions, resources: dict[str, Any], instance: dg.DagsterInstance
+) -> dict[tuple[str, str], Any]:
     result = defs.resolve_job_def("enrichment_checks").execute_in_process(instance=instance, resources=resources)
     return {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
 
@@ -429,11 +481,18 @@ def test_checks_report_staleness_quarantine_and_search_divergence(
 
         features = sorted(graph.entities["feature"])
         with live_store.engine.begin() as conn:
-            conn.execute(sa.update(entities).where(entities.c.entity_type == "feature")
-                         .values(last_enriched_at=datetime.now(UTC) - timedelta(hours=5)))
-            conn.execute(sa.update(entities).where(entities.c.entity_type == "dataset",
-                                                   entities.c.entity_id == sorted(graph.entities["dataset"])[0])
-                         .values(state="quarantined", last_error="source said 500 six times"))
+            conn.execute(
+                sa.update(entities)
+                .where(entities.c.entity_type == "feature")
+                .values(last_enriched_at=datetime.now(UTC) - timedelta(hours=5))
+            )
+            conn.execute(
+                sa.update(entities)
+                .where(
+                    entities.c.entity_type == "dataset", entities.c.entity_id == sorted(graph.entities["dataset"])[0]
+                )
+                .values(state="quarantined", last_error="source said 500 six times")
+            )
         victim = features[0]
         search_index.client.delete(index=search_index.alias, id=document_id("feature", victim), refresh=True)
         search_index.client.indices.refresh(index=search_index.alias)
@@ -467,8 +526,13 @@ def _feature_job() -> dg.JobDefinition:
 
 
 def test_re_executing_a_failed_run_from_its_failure_settles_the_original_leases(
-    database: str, elasticsearch_url: str, search_index: SearchIndex, sources_env: None, live_store: FactStore,
-    graph: MdsGraph, monkeypatch: pytest.MonkeyPatch,
+    database: str,
+    elasticsearch_url: str,
+    search_index: SearchIndex,
+    sources_env: None,
+    live_store: FactStore,
+    graph: MdsGraph,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("ENRICHMENT_DATABASE_URL", database)
     monkeypatch.setenv("ELASTICSEARCH_URL", elasticsearch_url)
@@ -476,10 +540,13 @@ def test_re_executing_a_failed_run_from_its_failure_settles_the_original_leases(
     ingest(live_store, graph)
     # The database refuses edge writes for a while: the real failure shape, in whatever process runs the step.
     with live_store.engine.begin() as conn:
-        conn.exec_driver_sql("CREATE FUNCTION refuse_edges() RETURNS trigger LANGUAGE plpgsql AS "
-                             "$$ BEGIN RAISE EXCEPTION 'edges are read-only for this test'; END $$")
-        conn.exec_driver_sql("CREATE TRIGGER refuse_edges BEFORE INSERT ON edges "
-                             "FOR EACH ROW EXECUTE FUNCTION refuse_edges()")
+        conn.exec_driver_sql(
+            "CREATE FUNCTION refuse_edges() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'edges are read-only for this test'; END $$"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER refuse_edges BEFORE INSERT ON edges FOR EACH ROW EXECUTE FUNCTION refuse_edges()"
+        )
     features = sorted(graph.entities["feature"])
     with dg.instance_for_test() as instance:
         job = dg.reconstructable(_feature_job)
@@ -492,8 +559,9 @@ def test_re_executing_a_failed_run_from_its_failure_settles_the_original_leases(
         with live_store.engine.begin() as conn:
             conn.exec_driver_sql("DROP TRIGGER refuse_edges ON edges")
         options = dg.ReexecutionOptions.from_failure(first_run, instance)
-        with dg.execute_job(job, instance=instance, reexecution_options=options,
-                            tags={"dagster/partition": today()}) as again:
+        with dg.execute_job(
+            job, instance=instance, reexecution_options=options, tags={"dagster/partition": today()}
+        ) as again:
             assert again.success
             assert again.run_id != first_run
             [settled] = again.asset_materializations_for_node("feature__edges")
@@ -503,8 +571,13 @@ def test_re_executing_a_failed_run_from_its_failure_settles_the_original_leases(
 
 
 def test_two_runs_of_one_partition_settle_their_own_claims(
-    database: str, elasticsearch_url: str, search_index: SearchIndex, sources_env: None, live_store: FactStore,
-    graph: MdsGraph, monkeypatch: pytest.MonkeyPatch,
+    database: str,
+    elasticsearch_url: str,
+    search_index: SearchIndex,
+    sources_env: None,
+    live_store: FactStore,
+    graph: MdsGraph,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The sensor starts a run for new work while an earlier run of the same partition is still going:
     each run's steps must read the frames that run wrote, not the other's."""
@@ -520,9 +593,11 @@ def test_two_runs_of_one_partition_settle_their_own_claims(
         conn.exec_driver_sql(
             "CREATE FUNCTION refuse_early() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
             "IF NEW.src_id = ANY(%(early)s) THEN RAISE EXCEPTION 'not yet'; END IF; RETURN NEW; END $$",
-            {"early": [e.entity_id for e in early]})
-        conn.exec_driver_sql("CREATE TRIGGER refuse_early BEFORE INSERT ON edges FOR EACH ROW "
-                             "EXECUTE FUNCTION refuse_early()")
+            {"early": [e.entity_id for e in early]},
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER refuse_early BEFORE INSERT ON edges FOR EACH ROW EXECUTE FUNCTION refuse_early()"
+        )
     job = dg.reconstructable(_feature_job)
     with dg.instance_for_test() as instance:
         with dg.execute_job(job, instance=instance, tags=incremental) as first:
@@ -553,8 +628,12 @@ def test_run_config_that_would_claim_nothing_forever_is_refused(
     with dg.instance_for_test() as instance:
         for field in ("limit", "batch_size", "lease_minutes"):
             result = job.execute_in_process(
-                partition_key=today(), instance=instance, resources=resources, raise_on_error=False,
-                run_config={"ops": {"feature__candidates": {"config": {field: 0}}}})
+                partition_key=today(),
+                instance=instance,
+                resources=resources,
+                raise_on_error=False,
+                run_config={"ops": {"feature__candidates": {"config": {field: 0}}}},
+            )
             assert not result.success, field
     assert all(live_store.get_entity("feature", f).claim_owner is None for f in graph.entities["feature"])
 
@@ -569,13 +648,18 @@ def test_a_failed_or_canceled_runs_leases_are_released_unless_it_is_being_re_exe
     job = defs.resolve_job_def(ENRICHMENT_JOB)
     with dg.instance_for_test() as instance:
         failed = instance.create_run_for_job(job, run_config={}, status=dg.DagsterRunStatus.FAILURE)
-        claimed = live_store.claim("model_instance", limit=20, owner=f"dagster:{failed.run_id}",
-                                   lease=timedelta(minutes=30))
+        claimed = live_store.claim(
+            "model_instance", limit=20, owner=f"dagster:{failed.run_id}", lease=timedelta(minutes=30)
+        )
         other = live_store.claim("model_instance", limit=5, owner="dagster:someone-else", lease=timedelta(minutes=30))
-        retry = instance.create_run_for_job(job, run_config={}, status=dg.DagsterRunStatus.STARTED,
-                                            root_run_id=failed.run_id, parent_run_id=failed.run_id,
-                                            tags={"dagster/root_run_id": failed.run_id,
-                                                  "dagster/parent_run_id": failed.run_id})
+        retry = instance.create_run_for_job(
+            job,
+            run_config={},
+            status=dg.DagsterRunStatus.STARTED,
+            root_run_id=failed.run_id,
+            parent_run_id=failed.run_id,
+            tags={"dagster/root_run_id": failed.run_id, "dagster/parent_run_id": failed.run_id},
+        )
         assert release_leases(instance, live_store, failed) is None, "its re-execution settles them"
         instance.report_run_failed(retry)
         assert release_leases(instance, live_store, instance.get_run_by_id(retry.run_id)) == len(claimed)

@@ -20,21 +20,20 @@ from datetime import time as time_of_day
 from pathlib import Path
 from typing import Any
 
-import dagster as dg
 import httpx
 import pytest
 import sqlalchemy as sa
 
 from enrichment_assets.defs.branch import INCREMENTAL, MODE_TAG
-from enrichment_assets.events import Event
-from enrichment_assets.factstore import FactStore
-from enrichment_assets.factstore.schema import EntityState, entities
-from enrichment_assets.dev.local_dagster import LOCATION, LocalDagster
-from enrichment_assets.search import SearchIndex
 from enrichment_assets.defs.sensors import job_name
+from enrichment_assets.dev.local_dagster import LOCATION, LocalDagster
 from enrichment_assets.dev.simulator.events import thin_events
 from enrichment_assets.dev.simulator.graph import generate_graph
 from enrichment_assets.dev.simulator.server import simulator_server
+from enrichment_assets.events import Event
+from enrichment_assets.factstore import FactStore
+from enrichment_assets.factstore.schema import EntityState, entities
+from enrichment_assets.search import SearchIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED, SCALE = 7, 0.02
@@ -45,8 +44,14 @@ REPOSITORY = {"repositoryLocationName": LOCATION, "repositoryName": "__repositor
 SCHEDULE_KINDS = ("retry_sweep", "stale_refresh")  # each branch's schedules, named <type>_<kind>
 FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
 # Debian's Chromium (`apt-get install chromium`); playwright's own browser download is never used.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +63,9 @@ def fact_store(make_postgres_database: Callable[[], str]) -> Iterator[FactStore]
 
 
 @pytest.fixture(scope="module")
-def dagster(tmp_path_factory: pytest.TempPathFactory, fact_store: FactStore,
-            elasticsearch_url: str) -> Iterator[LocalDagster]:
+def dagster(
+    tmp_path_factory: pytest.TempPathFactory, fact_store: FactStore, elasticsearch_url: str
+) -> Iterator[LocalDagster]:
     """Webserver + daemon on a free port over the simulator, with a search index of their own."""
     index = SearchIndex.from_url(elasticsearch_url, alias=f"test-ui-{uuid.uuid4().hex[:10]}")
     index.ensure()
@@ -86,9 +92,7 @@ def artifacts_dir() -> Path:
     return path
 
 
-def test_asset_backfill_reenriches_exactly_its_partition_range(
-    dagster: LocalDagster, fact_store: FactStore
-) -> None:
+def test_asset_backfill_reenriches_exactly_its_partition_range(dagster: LocalDagster, fact_store: FactStore) -> None:
     # Nothing but this test may enrich the branch: its sensor and schedules are switched off first,
     # before any entity exists, so they have nothing to act on while they stop.
     _stop_automation(dagster)
@@ -126,7 +130,8 @@ def test_asset_backfill_reenriches_exactly_its_partition_range(
     assert all(_tags(r).get("dagster/backfill") == backfill_id for r in runs), runs
     assert all(r["status"] == "SUCCESS" for r in runs), runs
     touching_branch = {
-        r["runId"] for r in _runs(dagster, createdAfter=started)
+        r["runId"]
+        for r in _runs(dagster, createdAfter=started)
         if r["jobName"] == job_name(GROUP) or GROUP in {key["path"][0] for key in r["assetSelection"] or []}
     }
     assert touching_branch == {r["runId"] for r in runs}, "only the backfill ran the branch"
@@ -134,11 +139,10 @@ def test_asset_backfill_reenriches_exactly_its_partition_range(
     updates = _materializations(dagster, "index_updates", after=started)
     assert sorted(m["partition"] for m in updates) == range_keys
     assert {m["runId"] for m in updates} == {r["runId"] for r in runs}
-    claimed = {m["partition"]: _metadata(m, "mode", "claimed")
-               for m in _materializations(dagster, "candidates", after=started)}
-    assert claimed == {
-        day.isoformat(): {"mode": "recompute", "claimed": len(placed[day])} for day in (first, last)
+    claimed = {
+        m["partition"]: _metadata(m, "mode", "claimed") for m in _materializations(dagster, "candidates", after=started)
     }
+    assert claimed == {day.isoformat(): {"mode": "recompute", "claimed": len(placed[day])} for day in (first, last)}
 
 
 def test_group_lineage_page_renders_in_chromium(dagster: LocalDagster, artifacts_dir: Path) -> None:
@@ -170,10 +174,14 @@ def test_group_lineage_page_renders_in_chromium(dagster: LocalDagster, artifacts
 
 # -- the fact store ---------------------------------------------------------------------------------
 
+
 def _move_first_seen(store: FactStore, placed: dict[date, list[str]]) -> None:
     """Put entities into other partitions: first seen at midday (UTC) of the given day."""
-    rows = [{"b_type": GROUP, "b_id": entity_id, "b_first_seen": datetime.combine(day, time_of_day(12), UTC)}
-            for day, ids in placed.items() for entity_id in ids]
+    rows = [
+        {"b_type": GROUP, "b_id": entity_id, "b_first_seen": datetime.combine(day, time_of_day(12), UTC)}
+        for day, ids in placed.items()
+        for entity_id in ids
+    ]
     stmt = (
         sa.update(entities)
         .where(entities.c.entity_type == sa.bindparam("b_type"), entities.c.entity_id == sa.bindparam("b_id"))
@@ -181,16 +189,22 @@ def _move_first_seen(store: FactStore, placed: dict[date, list[str]]) -> None:
     )
     with store.engine.begin() as conn:
         conn.execute(stmt, rows)
-        moved = conn.execute(sa.select(entities.c.entity_id, entities.c.first_seen_at).where(
-            entities.c.entity_type == GROUP, entities.c.entity_id.in_([r["b_id"] for r in rows])))
+        moved = conn.execute(
+            sa.select(entities.c.entity_id, entities.c.first_seen_at).where(
+                entities.c.entity_type == GROUP, entities.c.entity_id.in_([r["b_id"] for r in rows])
+            )
+        )
         assert dict(moved.all()) == {r["b_id"]: r["b_first_seen"] for r in rows}
 
 
 def _entity_states(store: FactStore) -> dict[str, tuple[str, datetime | None]]:
     """entity id -> (state, last_enriched_at) of the branch's type."""
     with store.engine.connect() as conn:
-        rows = conn.execute(sa.select(entities.c.entity_id, entities.c.state, entities.c.last_enriched_at)
-                            .where(entities.c.entity_type == GROUP))
+        rows = conn.execute(
+            sa.select(entities.c.entity_id, entities.c.state, entities.c.last_enriched_at).where(
+                entities.c.entity_type == GROUP
+            )
+        )
         return {entity_id: (state, at) for entity_id, state, at in rows}
 
 
@@ -285,8 +299,10 @@ def _stop_automation(dagster: LocalDagster) -> None:
             assert time.monotonic() < deadline, "a sensor tick did not finish within 60s"
             time.sleep(0.5)
         time.sleep(0.5)  # a tick's end is recorded just before the sensor's state is written back
-        statuses = [_instigator(dagster, sensor)["sensorState"]["status"],
-                    *(_instigator(dagster, schedule)["scheduleState"]["status"] for schedule in schedules)]
+        statuses = [
+            _instigator(dagster, sensor)["sensorState"]["status"],
+            *(_instigator(dagster, schedule)["scheduleState"]["status"] for schedule in schedules),
+        ]
         if statuses == ["STOPPED"] * 3:
             return
         assert time.monotonic() < deadline, f"the sensor and schedules did not stay stopped: {statuses}"
@@ -305,8 +321,10 @@ def _instigator(dagster: LocalDagster, selector: dict[str, str]) -> dict[str, An
 def _launch_incremental_run(dagster: LocalDagster, partition: str) -> str:
     """One run of the branch's job for one partition, tagged the way the sensor tags its runs."""
     tags = {"dagster/partition": partition, MODE_TAG: INCREMENTAL}
-    params = {"selector": {**REPOSITORY, "jobName": job_name(GROUP)},
-              "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]}}
+    params = {
+        "selector": {**REPOSITORY, "jobName": job_name(GROUP)},
+        "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
+    }
     result = _graphql(dagster, LAUNCH_RUN, {"p": params})["launchRun"]
     assert result["__typename"] == "LaunchRunSuccess", result
     return result["run"]["runId"]
@@ -352,8 +370,7 @@ def _wait_for_backfill(dagster: LocalDagster, backfill_id: str, *, timeout: floa
             assert backfill["isAssetBackfill"]
             return backfill
         if backfill["status"] in ("FAILED", "CANCELED", "COMPLETED_FAILED") or time.monotonic() > deadline:
-            raise AssertionError(
-                f"backfill {backfill_id} is {backfill['status']}: {backfill}{_log_tail(dagster)}")
+            raise AssertionError(f"backfill {backfill_id} is {backfill['status']}: {backfill}{_log_tail(dagster)}")
         time.sleep(1)
 
 
@@ -388,6 +405,7 @@ def _log_tail(dagster: LocalDagster, process: str = "daemon", lines: int = 40) -
 
 
 # -- the browser ------------------------------------------------------------------------------------
+
 
 def _chromium_executable() -> str:
     """Debian's Chromium, or ``ENRICHMENT_CHROMIUM``. Missing is a failure, not a skip: CI installs it

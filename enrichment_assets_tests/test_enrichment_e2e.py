@@ -17,19 +17,19 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from enrichment_assets.events import Event
-from enrichment_assets.factstore import FactStore
-from enrichment_assets.factstore.schema import edges as edges_table
-from enrichment_assets.steps.cycle import enrich_cycle
-from enrichment_assets.hydration.pool import SourcePool
-from enrichment_assets.policy import Policy, load_policy
-from enrichment_assets.settings import SHIPPED_POLICY
 from enrichment_assets.dev.devservers import free_port
 from enrichment_assets.dev.simulator.app import Simulator
 from enrichment_assets.dev.simulator.catalog import SOURCES
 from enrichment_assets.dev.simulator.events import thin_events
 from enrichment_assets.dev.simulator.graph import MdsGraph, generate_graph
 from enrichment_assets.dev.simulator.server import SimulatorServer
+from enrichment_assets.events import Event
+from enrichment_assets.factstore import FactStore
+from enrichment_assets.factstore.schema import edges as edges_table
+from enrichment_assets.hydration.pool import SourcePool
+from enrichment_assets.policy import Policy, load_policy
+from enrichment_assets.settings import SHIPPED_POLICY
+from enrichment_assets.steps.cycle import enrich_cycle
 
 from .conftest import FakeClock
 
@@ -74,6 +74,7 @@ def cycle(store: FactStore, simulator: SimulatorServer | ProcessSimulator, polic
         async with SourcePool(policy, environ=simulator.environ()) as pool:
             reports = await enrich_cycle(store, policy, pool, owner="e2e", **kwargs)
             return {r.entity_type: r for r in reports}, pool.stats()
+
     return asyncio.run(run())
 
 
@@ -134,8 +135,9 @@ def test_rerunning_adds_no_duplicate_edges(store: FactStore, simulator: Simulato
     settle(store, simulator, clock)
     with store.engine.connect() as conn:
         count = conn.execute(sa.select(sa.func.count()).select_from(edges_table)).scalar()
-    store.ingest_events(Event(entity_type=t, entity_id=i, event_type="updated")
-                        for t in graph.counts() for i in graph.ids(t))
+    store.ingest_events(
+        Event(entity_type=t, entity_id=i, event_type="updated") for t in graph.counts() for i in graph.ids(t)
+    )
     reports, _ = cycle(store, simulator)
     assert sum(r.result.edges_asserted + r.result.edges_retracted for r in reports.values()) == 0
     assert sum(r.result.edges_confirmed for r in reports.values()) == count
@@ -149,17 +151,25 @@ def test_changed_cells_retract_the_old_edge_and_assert_the_new(
     graph = simulator.simulator.graph.snapshot()
     ingest_graph(store, graph)
     settle(store, simulator, clock)
-    run_id = next(r for r in graph.ids("pipeline_run")
-                  if graph.get("pipeline_run", r)["ab_test_cells"]
-                  and any(graph.get("model_instance", m)["pipeline_run_id"] == r for m in graph.ids("model_instance")))
+    run_id = next(
+        r
+        for r in graph.ids("pipeline_run")
+        if graph.get("pipeline_run", r)["ab_test_cells"]
+        and any(graph.get("model_instance", m)["pipeline_run_id"] == r for m in graph.ids("model_instance"))
+    )
     old_tests = {c["test_id"] for c in graph.get("pipeline_run", run_id)["ab_test_cells"]}
     new_test = next(t for t in graph.ids("ab_test") if t not in old_tests)
-    admin(simulator, "/admin/mutate", {"entity_type": "pipeline_run", "id": run_id,
-                                       "set": {"ab_test_cells": [{"test_id": new_test, "cell": "B"}]}})
+    admin(
+        simulator,
+        "/admin/mutate",
+        {"entity_type": "pipeline_run", "id": run_id, "set": {"ab_test_cells": [{"test_id": new_test, "cell": "B"}]}},
+    )
     store.ingest_events([Event(entity_type="pipeline_run", entity_id=run_id, event_type="updated")])
     settle(store, simulator, clock)
     after = simulator.simulator.graph.snapshot()
-    through_run = [m for m in after.ids("model_instance") if after.get("model_instance", m)["pipeline_run_id"] == run_id]
+    through_run = [
+        m for m in after.ids("model_instance") if after.get("model_instance", m)["pipeline_run_id"] == run_id
+    ]
     for mi in through_run:
         assert derived(store, "model_instance", mi)["evaluated_in"] == {new_test}
         history = store.edges_of("model_instance", mi, relation="evaluated_in", include_retracted=True)
@@ -171,8 +181,10 @@ def test_late_pipeline_run_resolves_on_the_next_cycle(
     store: FactStore, simulator: SimulatorServer, clock: FakeClock, sim_clock: SimClock
 ) -> None:
     graph = simulator.simulator.graph.snapshot()
-    late_run = max(graph.ids("pipeline_run"),
-                   key=lambda r: sum(graph.get("model_instance", m)["pipeline_run_id"] == r for m in graph.ids("model_instance")))
+    late_run = max(
+        graph.ids("pipeline_run"),
+        key=lambda r: sum(graph.get("model_instance", m)["pipeline_run_id"] == r for m in graph.ids("model_instance")),
+    )
     waiting = [m for m in graph.ids("model_instance") if graph.get("model_instance", m)["pipeline_run_id"] == late_run]
     admin(simulator, "/admin/late", {"entity_type": "pipeline_run", "ids": [late_run], "available_in_seconds": 600})
     store.ingest_events(Event.model_validate(e) for e in thin_events(graph) if e["entity_id"] != late_run)
@@ -226,8 +238,16 @@ class ProcessSimulator:
         return {spec.base_url_env: self.url + spec.prefix for spec in SOURCES.values()}
 
     def __enter__(self) -> ProcessSimulator:
-        command = [str(Path(sys.executable).with_name("enrichment")), "simulate", "--port", str(self.port),
-                   "--seed", "7", "--scale", str(self.scale)]
+        command = [
+            str(Path(sys.executable).with_name("enrichment")),
+            "simulate",
+            "--port",
+            str(self.port),
+            "--seed",
+            "7",
+            "--scale",
+            str(self.scale),
+        ]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -257,17 +277,28 @@ def test_no_source_ever_sees_more_than_its_rate(store: FactStore, clock: FakeClo
         assert source_stats["peak_rps"] <= 25, (name, source_stats["peak_rps"])
 
 
-@pytest.mark.parametrize("hostile", ["../admin/reset", "a/b?x=1#y", "%2e%2e", "..", ".", "//evil.example/x"],
-                         ids=["traversal", "query-fragment", "encoded-dots", "dotdot", "dot", "scheme-relative"])
+@pytest.mark.parametrize(
+    "hostile",
+    ["../admin/reset", "a/b?x=1#y", "%2e%2e", "..", ".", "//evil.example/x"],
+    ids=["traversal", "query-fragment", "encoded-dots", "dotdot", "dot", "scheme-relative"],
+)
 def test_hostile_ids_never_leave_their_template(
     store: FactStore, simulator: SimulatorServer, clock: FakeClock, hostile: str
 ) -> None:
-    store.ingest_events([Event(entity_type="pipeline_run", entity_id=hostile, event_type="created"),
-                         Event(entity_type="team", entity_id=hostile, event_type="created")])
+    store.ingest_events(
+        [
+            Event(entity_type="pipeline_run", entity_id=hostile, event_type="created"),
+            Event(entity_type="team", entity_id=hostile, event_type="created"),
+        ]
+    )
     httpx.post(simulator.url + "/admin/reset", json={}, timeout=10).raise_for_status()
     cycle(store, simulator, tuned(MDS, max_batch_size=None), entity_types=["pipeline_run", "team"])
     log = httpx.get(simulator.url + "/admin/requests", params={"limit": 100}, timeout=10).json()
-    requests = [r for r in (log["requests"] if isinstance(log, dict) else log) if r["source"] is not None or "reset" not in r["path"]]
+    requests = [
+        r
+        for r in (log["requests"] if isinstance(log, dict) else log)
+        if r["source"] is not None or "reset" not in r["path"]
+    ]
     assert requests, "the walker called the sources"
     for request in requests:
         assert request["source"] in ("pipeline_orchestration", "identity"), request
@@ -292,8 +323,9 @@ def test_enrich_once_workers_share_the_work_and_enrich_everything_once(
     graph = simulator.simulator.graph.snapshot()
     ingest_graph(store, graph)
     result = enrich_with_workers(url, MDS, workers=2, batch_size=50)
-    assert len(result.claimed_per_worker) == 2 and all(result.claimed_per_worker), \
+    assert len(result.claimed_per_worker) == 2 and all(result.claimed_per_worker), (
         f"both workers claimed work: {result.claimed_per_worker}"
+    )
     assert not store.due_work()
     for status in store.status():
         assert set(status.counts) == {"fully_enriched"}, status

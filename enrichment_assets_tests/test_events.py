@@ -39,7 +39,8 @@ def test_blank_lines_are_skipped_but_line_numbers_stay_true() -> None:
 
 def test_occurred_at_with_and_without_offset() -> None:
     naive, aware = parse(
-        json.dumps(ok(occurred_at="2026-01-02T03:04:05")) + "\n"
+        json.dumps(ok(occurred_at="2026-01-02T03:04:05"))
+        + "\n"
         + json.dumps(ok(occurred_at="2026-01-02T05:04:05+02:00"))
     )
     assert naive.occurred_at == aware.occurred_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -61,8 +62,20 @@ def test_occurred_at_with_and_without_offset() -> None:
         ({"entity_type": "thing", "event_type": "created"}, "entity_id: Field required"),
         ([ok()], "should be an object"),
     ],
-    ids=["empty-id", "long-id", "nul", "newline", "c1-control", "int-id", "undeclared-type",
-         "bad-event-type", "bad-time", "extra-field", "missing-id", "array"],
+    ids=[
+        "empty-id",
+        "long-id",
+        "nul",
+        "newline",
+        "c1-control",
+        "int-id",
+        "undeclared-type",
+        "bad-event-type",
+        "bad-time",
+        "extra-field",
+        "missing-id",
+        "array",
+    ],
 )
 def test_invalid_event_is_rejected_with_its_line(event: object, message: str) -> None:
     body = json.dumps(ok()) + "\n" + json.dumps(event)

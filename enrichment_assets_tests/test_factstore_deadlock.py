@@ -14,8 +14,11 @@ from enrichment_assets.factstore.schema import entities
 
 
 def _bump(conn: sa.Connection, entity_id: str) -> None:
-    conn.execute(sa.update(entities).where(entities.c.entity_type == "thing", entities.c.entity_id == entity_id)
-                 .values(attempts=entities.c.attempts + 1))
+    conn.execute(
+        sa.update(entities)
+        .where(entities.c.entity_type == "thing", entities.c.entity_id == entity_id)
+        .values(attempts=entities.c.attempts + 1)
+    )
 
 
 def test_a_transaction_aborted_by_a_deadlock_is_retried(pg_store: FactStore) -> None:

@@ -110,8 +110,20 @@ def test_tombstone_retracts_edges_at_both_ends(store: FactStore) -> None:
     walk(store, "enriched", edge("in", "x"), edge("in", "y"))
     ingest(store, "other-root")
     [claim] = store.claim("thing", limit=1, owner="w", lease=LEASE)
-    store.finish("w", [Outcome(claim.entity_type, claim.entity_id, claim.version, "enriched", attributes={},
-                               edges=(DerivedEdge("in", "other", "x", ()),))], RETRY)
+    store.finish(
+        "w",
+        [
+            Outcome(
+                claim.entity_type,
+                claim.entity_id,
+                claim.version,
+                "enriched",
+                attributes={},
+                edges=(DerivedEdge("in", "other", "x", ()),),
+            )
+        ],
+        RETRY,
+    )
     ingest(store, "x", entity_type="other", event_type="deleted")
     [tombstone] = store.claim("other", limit=10, owner="w", lease=LEASE)
     result = store.finish("w", [Outcome.of(tombstone, "deleted")], RETRY)
@@ -132,7 +144,8 @@ def test_finish_settles_a_batch_in_one_statement_per_page_on_postgresql(pg_store
 
     sa.event.listen(pg_store.engine, "before_cursor_execute", count)
     result = pg_store.finish(
-        "w", [Outcome.of(c, "enriched", attributes={"n": c.entity_id}, edges=(edge("in", "x"),)) for c in claims], RETRY)
+        "w", [Outcome.of(c, "enriched", attributes={"n": c.entity_id}, edges=(edge("in", "x"),)) for c in claims], RETRY
+    )
     sa.event.remove(pg_store.engine, "before_cursor_execute", count)
     assert result.enriched == 3 and result.edges_asserted == 3
     assert updates == [False, False], "one UPDATE for the outcomes, one for the other ends' documents"
@@ -142,7 +155,9 @@ def test_finish_settles_a_batch_in_one_statement_per_page_on_postgresql(pg_store
 
 def test_references_are_replaced_per_entity(store: FactStore, clock) -> None:
     key = ("thing", "root")
-    store.record_walk([], {key: [ReferenceFact("run", "other", "r1", True), ReferenceFact("run", "other", "r2", False)]})
+    store.record_walk(
+        [], {key: [ReferenceFact("run", "other", "r1", True), ReferenceFact("run", "other", "r2", False)]}
+    )
     clock.advance(minutes=1)
     store.record_walk([], {key: [ReferenceFact("run", "other", "r2", True)]})
     with store.engine.connect() as conn:
@@ -159,7 +174,9 @@ def test_hydrations_are_reused_while_fresh_and_never_bump_versions(store: FactSt
     new = store.get_entity("thing", "new")
     assert (new.state, new.attributes) == ("uncached", {"v": 2})
     assert store.fresh_attributes("thing", ["known", "new", "absent"], ttl=timedelta(minutes=10)) == {
-        "known": {"v": 1}, "new": {"v": 2}}
+        "known": {"v": 1},
+        "new": {"v": 2},
+    }
     clock.advance(minutes=11)
     assert store.fresh_attributes("thing", ["known", "new"], ttl=timedelta(minutes=10)) == {}
 
@@ -201,14 +218,20 @@ def test_document_sources_cap_count_and_name_every_relationship_across_key_pages
     hops = [f"h{i}" for i in range(cap + 2)]
     ingest(store, "root", "gone")
     ingest(store, *hops, entity_type="other")
-    store.record_walk([("other", h, {"name": f"Hop {h}"}) for h in hops],
-                      {("thing", "root"): [ReferenceFact("uses", "other", h, True) for h in hops]})
+    store.record_walk(
+        [("other", h, {"name": f"Hop {h}"}) for h in hops],
+        {("thing", "root"): [ReferenceFact("uses", "other", h, True) for h in hops]},
+    )
     walk(store, "enriched", *(edge("reaches", h) for h in hops))
     ingest(store, "gone", event_type="deleted")
     ingest(store, *(f"p{i:05d}" for i in range(arrays.PAGE)))
 
-    keys = [("thing", f"p{i:05d}") for i in range(arrays.PAGE)] + [("thing", "root"), ("thing", "gone"),
-                                                                    ("other", "h0"), ("thing", "never-seen")]
+    keys = [("thing", f"p{i:05d}") for i in range(arrays.PAGE)] + [
+        ("thing", "root"),
+        ("thing", "gone"),
+        ("other", "h0"),
+        ("thing", "never-seen"),
+    ]
     sources = {s.key: s for s in store.document_sources(keys, cap=cap)}
 
     assert len(sources) == arrays.PAGE + 3, "every known key once; an unknown one left out"
@@ -217,7 +240,9 @@ def test_document_sources_cap_count_and_name_every_relationship_across_key_pages
     assert root.edges_out[0]["path"] == [["thing", "root"], ["thing", "hop"], ["other", "h0"]]
     assert [r["to_id"] for r in root.references] == hops[:cap] and all(r["resolved"] for r in root.references)
     assert sorted((t["relation"], t["direction"], t["derived"], t["total"]) for t in root.totals) == [
-        ("reaches", "out", True, len(hops)), ("uses", "out", False, len(hops))]
+        ("reaches", "out", True, len(hops)),
+        ("uses", "out", False, len(hops)),
+    ]
     assert root.neighbours[("other", "h1")] == {"name": "Hop h1"}
     hop = sources[("other", "h0")]
     assert [(e["src_id"], e["relation"]) for e in hop.edges_in] == [("root", "reaches")]

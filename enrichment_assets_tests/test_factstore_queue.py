@@ -30,8 +30,9 @@ def _worker(url: str, owner: str, batch: int, queue: multiprocessing.Queue) -> N
                 break
             taken += [c.key for c in claims]
             time.sleep(rng.uniform(0, 0.01))  # hold the lease a moment, as real hydration would
-            result = store.finish(owner, [Outcome.of(c, "enriched", attributes={"by": owner}) for c in claims],
-                                  RetryPolicy())
+            result = store.finish(
+                owner, [Outcome.of(c, "enriched", attributes={"by": owner}) for c in claims], RetryPolicy()
+            )
             assert not result.lost
         queue.put((owner, taken, None))
     except Exception as error:  # reported to the test, which fails with it
@@ -42,12 +43,13 @@ def _worker(url: str, owner: str, batch: int, queue: multiprocessing.Queue) -> N
 
 def test_concurrent_workers_take_every_candidate_exactly_once(database_url: str) -> None:
     store = FactStore.from_url(database_url)
-    store.ingest_events(Event(entity_type="thing", entity_id=f"e{i:05d}", event_type="created") for i in range(CANDIDATES))
+    store.ingest_events(
+        Event(entity_type="thing", entity_id=f"e{i:05d}", event_type="created") for i in range(CANDIDATES)
+    )
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     workers = [
-        context.Process(target=_worker, args=(database_url, f"worker-{n}", 37 + n * 11, queue))
-        for n in range(WORKERS)
+        context.Process(target=_worker, args=(database_url, f"worker-{n}", 37 + n * 11, queue)) for n in range(WORKERS)
     ]
     for process in workers:
         process.start()

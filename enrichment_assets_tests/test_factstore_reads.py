@@ -15,8 +15,9 @@ from enrichment_assets.factstore import DerivedEdge, FactStore, Outcome, RetryPo
 
 def _enrich(store: FactStore, entity_type: str, edges_of: dict[str, tuple[DerivedEdge, ...]]) -> None:
     claims = store.claim(entity_type, limit=len(edges_of), owner="w", lease=timedelta(minutes=1))
-    store.finish("w", [Outcome.of(c, "enriched", attributes={}, edges=edges_of[c.entity_id]) for c in claims],
-                 RetryPolicy())
+    store.finish(
+        "w", [Outcome.of(c, "enriched", attributes={}, edges=edges_of[c.entity_id]) for c in claims], RetryPolicy()
+    )
 
 
 def _edge(relation: str, src: str, dst: str) -> DerivedEdge:
@@ -24,10 +25,17 @@ def _edge(relation: str, src: str, dst: str) -> DerivedEdge:
 
 
 def _build(store: FactStore, clock) -> FactStore:
-    store.ingest_events([Event(entity_type="thing", entity_id=i, event_type="created")
-                         for i in ("root", "bare", *(f"spoke{n}" for n in range(4)))])
-    edges = {"root": (*(_edge("near", "root", f"o{n}") for n in (2, 0, 1)), _edge("far", "root", "o9")),
-             "bare": (), **{f"spoke{n}": (_edge("near", f"spoke{n}", "hub"),) for n in range(4)}}
+    store.ingest_events(
+        [
+            Event(entity_type="thing", entity_id=i, event_type="created")
+            for i in ("root", "bare", *(f"spoke{n}" for n in range(4)))
+        ]
+    )
+    edges = {
+        "root": (*(_edge("near", "root", f"o{n}") for n in (2, 0, 1)), _edge("far", "root", "o9")),
+        "bare": (),
+        **{f"spoke{n}": (_edge("near", f"spoke{n}", "hub"),) for n in range(4)},
+    }
     _enrich(store, "thing", edges)
     clock.advance(seconds=42)
     return store
@@ -72,11 +80,21 @@ def test_retracted_edges_are_not_read(graph: FactStore) -> None:
     assert len(graph.edges_of("thing", "root", include_retracted=True)) == 4, "history is kept"
 
 
-@pytest.mark.parametrize("direction, entity, relation", [
-    ("out", ("thing", "root"), None), ("out", ("thing", "root"), "near"), ("in", ("other", "hub"), "near"),
-    ("in", ("other", "o0"), None), ("out", ("thing", "bare"), None), ("out", ("thing", "nobody"), "near"),
-], ids=["out-all", "out-relation", "in-relation", "in-all", "no-edges", "unknown"])
-def test_the_prepared_lookup_answers_as_the_statement_does(pg_store: FactStore, clock, direction, entity, relation) -> None:
+@pytest.mark.parametrize(
+    "direction, entity, relation",
+    [
+        ("out", ("thing", "root"), None),
+        ("out", ("thing", "root"), "near"),
+        ("in", ("other", "hub"), "near"),
+        ("in", ("other", "o0"), None),
+        ("out", ("thing", "bare"), None),
+        ("out", ("thing", "nobody"), "near"),
+    ],
+    ids=["out-all", "out-relation", "in-relation", "in-all", "no-edges", "unknown"],
+)
+def test_the_prepared_lookup_answers_as_the_statement_does(
+    pg_store: FactStore, clock, direction, entity, relation
+) -> None:
     _build(pg_store, clock)
     pg_store.ingest_events([Event(entity_type="other", entity_id=i, event_type="created") for i in ("hub", "o0")])
     with pg_store.engine.connect() as conn:
@@ -91,9 +109,12 @@ def test_a_reader_connection_dropped_by_the_server_is_retried(pg_store: FactStor
     pg_store.ingest_events([Event(entity_type="thing", entity_id="a", event_type="created")])
     assert pg_store.entity_edges("thing", "a", limit=5) is not None  # opens the reader pool
     with pg_store.engine.connect() as conn:
-        dropped = conn.execute(sa.text(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar_one()
+        dropped = conn.execute(
+            sa.text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalar_one()
     assert dropped >= 1, "the reader's pooled connection was open"
     found = pg_store.entity_edges("thing", "a", limit=5)
     assert found is not None and found.state == "uncached"

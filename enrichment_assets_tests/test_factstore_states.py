@@ -79,8 +79,11 @@ def test_deleted_entity_is_a_tombstone_claimed_once_for_cleanup(store: FactStore
     assert (record.state, record.version, record.next_attempt_at) == ("deleted", 2, clock.now)
     claims = {c.entity_id: c for c in claim_all(store)}
     assert claims["a"].state == "deleted"
-    result = store.finish("w1", [Outcome.of(c, "deleted" if c.state == "deleted" else "enriched", attributes={})
-                                 for c in claims.values()], RETRY)
+    result = store.finish(
+        "w1",
+        [Outcome.of(c, "deleted" if c.state == "deleted" else "enriched", attributes={}) for c in claims.values()],
+        RETRY,
+    )
     assert (result.deleted, result.enriched) == (1, 1)
     record = store.get_entity("thing", "a")
     assert (record.state, record.next_attempt_at) == ("deleted", None)
@@ -91,8 +94,14 @@ def test_deleted_entity_is_a_tombstone_claimed_once_for_cleanup(store: FactStore
 
 def test_last_event_in_a_batch_wins_unless_it_is_older(store: FactStore, clock) -> None:
     t = clock.now
-    store.ingest_events([event("a"), event("a", "deleted"), event("b", "deleted", occurred_at=t),
-                         event("b", "created", occurred_at=t - timedelta(minutes=1))])
+    store.ingest_events(
+        [
+            event("a"),
+            event("a", "deleted"),
+            event("b", "deleted", occurred_at=t),
+            event("b", "created", occurred_at=t - timedelta(minutes=1)),
+        ]
+    )
     assert store.get_entity("thing", "a").state == "deleted"
     assert store.get_entity("thing", "b").state == "deleted"
 
@@ -146,8 +155,9 @@ def test_max_attempts_quarantines_and_a_new_event_releases(store: FactStore, clo
 def test_partial_outcome_records_what_it_waits_on(store: FactStore, clock) -> None:
     store.ingest_events([event("a")])
     [claim] = claim_all(store)
-    store.finish("w1", [Outcome.of(claim, "partial", attributes={"x": 1},
-                                   waiting_on=(("other", "9"), ("other", "2")))], RETRY)
+    store.finish(
+        "w1", [Outcome.of(claim, "partial", attributes={"x": 1}, waiting_on=(("other", "9"), ("other", "2")))], RETRY
+    )
     record = store.get_entity("thing", "a")
     assert record.state == "partially_resolved"
     assert record.waiting_on == [["other", "2"], ["other", "9"]]
@@ -175,9 +185,7 @@ def test_event_during_hydration_supersedes_the_result(store: FactStore) -> None:
     store.ingest_events([event("a"), event("b")])
     claims = {c.entity_id: c for c in claim_all(store)}
     store.ingest_events([event("a", "updated"), event("b", "deleted")])
-    result = store.finish(
-        "w1", [Outcome.of(c, "enriched", attributes={"seen": True}) for c in claims.values()], RETRY
-    )
+    result = store.finish("w1", [Outcome.of(c, "enriched", attributes={"seen": True}) for c in claims.values()], RETRY)
     assert result.superseded == 2
     a, b = store.get_entity("thing", "a"), store.get_entity("thing", "b")
     assert (a.state, a.last_enriched_at, a.attributes) == ("uncached", None, {"seen": True})
@@ -273,8 +281,11 @@ def test_staleness_percentiles_agree_on_both_backends(store: FactStore, clock) -
     store.ingest_events([Event(entity_type="thing", entity_id="gone", event_type="deleted")])
     with store.engine.begin() as conn:
         for i in range(19):  # t19 never enriched: its age counts from first seen
-            conn.execute(sa.update(entities).where(entities.c.entity_id == f"t{i}")
-                         .values(last_enriched_at=clock.now - timedelta(seconds=100 * (i + 1))))
+            conn.execute(
+                sa.update(entities)
+                .where(entities.c.entity_id == f"t{i}")
+                .values(last_enriched_at=clock.now - timedelta(seconds=100 * (i + 1)))
+            )
     clock.advance(seconds=50)
     summary = store.staleness("thing", budget=timedelta(seconds=1000))
     # ages 50 (t19), 150, 250, ..., 1950: nearest rank, the 10th and the 19th of 20

@@ -27,8 +27,13 @@ SECRET = "tok-very-secret-123"
 
 def source(**overrides: object) -> Source:
     settings = {
-        "base_url": "http://source.test/api", "requests_per_second": 1000, "max_retries": 2,
-        "circuit_failure_threshold": 3, "circuit_reset": "1s", "max_batch_size": 3, "max_body_bytes": 2000,
+        "base_url": "http://source.test/api",
+        "requests_per_second": 1000,
+        "max_retries": 2,
+        "circuit_failure_threshold": 3,
+        "circuit_reset": "1s",
+        "max_batch_size": 3,
+        "max_body_bytes": 2000,
         "auth_header": {"name": "Authorization", "env": "SRC_TOKEN"},
     } | overrides
     return Source.model_validate(settings)
@@ -43,8 +48,9 @@ def client(
         seen.append(request)
         return handler(request)
 
-    built = SourceClient("src", source(**overrides), environ={"SRC_TOKEN": f"Bearer {SECRET}"},
-                         transport=httpx.MockTransport(record))
+    built = SourceClient(
+        "src", source(**overrides), environ={"SRC_TOKEN": f"Bearer {SECRET}"}, transport=httpx.MockTransport(record)
+    )
     return built, seen
 
 
@@ -54,6 +60,7 @@ def fetch(c: SourceClient, ids: list[str], entity_type: EntityType = SINGLE_ONLY
             return await c.fetch(entity_type, ids)
         finally:
             await c.aclose()
+
     return asyncio.run(go())
 
 
@@ -76,8 +83,9 @@ class Streamed(httpx.AsyncByteStream):
             yield chunk
 
 
-def streamed(chunks: list[bytes], *, delay: float = 0.0, encoding: str | None = None,
-             content_type: str = "application/json") -> httpx.Response:
+def streamed(
+    chunks: list[bytes], *, delay: float = 0.0, encoding: str | None = None, content_type: str = "application/json"
+) -> httpx.Response:
     headers = {"content-type": content_type} | ({"content-encoding": encoding} if encoding else {})
     return httpx.Response(200, headers=headers, stream=Streamed(chunks, delay))
 
@@ -97,7 +105,8 @@ def deflated(data: bytes) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "entity_id", ["../admin", "a/b?x=1#y", "%2e%2e", "..", ".", "//evil.example/x", "@evil.example", "sp ace\u00fc"],
+    "entity_id",
+    ["../admin", "a/b?x=1#y", "%2e%2e", "..", ".", "//evil.example/x", "@evil.example", "sp ace\u00fc"],
     ids=["dotdot-slash", "query-fragment", "encoded-dots", "dotdot", "dot", "scheme-relative", "userinfo", "unicode"],
 )
 def test_ids_stay_inside_their_path_template(entity_id: str) -> None:
@@ -162,12 +171,18 @@ def test_timeouts_are_retried() -> None:
     ("response", "message"),
     [
         (httpx.Response(200, content=b"<html>oops</html>"), "content type 'none', not JSON"),
-        (httpx.Response(200, content=b'{"id": "r"}', headers={"content-type": "text/html"}),
-         "content type 'text/html', not JSON"),
-        (httpx.Response(200, content=b"{\"id\": ", headers={"content-type": "application/json"}), "not JSON"),
+        (
+            httpx.Response(200, content=b'{"id": "r"}', headers={"content-type": "text/html"}),
+            "content type 'text/html', not JSON",
+        ),
+        (httpx.Response(200, content=b'{"id": ', headers={"content-type": "application/json"}), "not JSON"),
         (httpx.Response(200, json=["a", "list"]), "expected a JSON object"),
-        (httpx.Response(200, content=b'{"x": ' + b"[" * 100 + b"]" * 100 + b"}",
-                        headers={"content-type": "application/json"}), "nested deeper than 100 levels"),
+        (
+            httpx.Response(
+                200, content=b'{"x": ' + b"[" * 100 + b"]" * 100 + b"}", headers={"content-type": "application/json"}
+            ),
+            "nested deeper than 100 levels",
+        ),
         (httpx.Response(200, json={"blob": "x" * 5000}), "over 2000 bytes"),
         (streamed([b'{"blob": "', b"x" * 1500, b"x" * 1500, b'"}']), "over 2000 bytes"),
         (streamed(list(gzip_bomb(64 * 1024 * 1024)), encoding="gzip"), "over 2000 bytes once decompressed"),
@@ -178,9 +193,22 @@ def test_timeouts_are_retried() -> None:
         (httpx.Response(302, headers={"location": "http://elsewhere.test/steal"}), "redirects are not followed"),
         (httpx.Response(403), "answered 403"),
     ],
-    ids=["no-content-type", "html-json-looking", "truncated", "array", "101-levels", "oversized",
-         "oversized-undeclared", "gzip-bomb", "gzip-one-over", "stacked-encodings", "brotli", "corrupt-gzip",
-         "redirect", "forbidden"],
+    ids=[
+        "no-content-type",
+        "html-json-looking",
+        "truncated",
+        "array",
+        "101-levels",
+        "oversized",
+        "oversized-undeclared",
+        "gzip-bomb",
+        "gzip-one-over",
+        "stacked-encodings",
+        "brotli",
+        "corrupt-gzip",
+        "redirect",
+        "forbidden",
+    ],
 )
 def test_bad_answers_fail_that_entity_and_the_batch_goes_on(response: httpx.Response, message: str) -> None:
     c, seen = client(lambda r: response if r.url.path.endswith("/bad") else ok(r))
@@ -219,8 +247,9 @@ def test_json_nested_past_what_the_parser_takes_fails_that_entity() -> None:
 
 
 def test_an_unused_body_is_never_an_error() -> None:
-    big = httpx.Response(404, headers={"content-type": "text/html", "content-encoding": "br"},
-                         stream=Streamed([b"x" * 100_000] * 10))
+    big = httpx.Response(
+        404, headers={"content-type": "text/html", "content-encoding": "br"}, stream=Streamed([b"x" * 100_000] * 10)
+    )
     c, _ = client(lambda r: big)
     assert fetch(c, ["r"])["r"].status == "missing"
 
@@ -236,8 +265,13 @@ def test_a_trickled_body_is_cut_off_at_the_timeout_of_the_whole_request() -> Non
 
 
 def test_open_circuit_fails_fast_and_costs_few_calls() -> None:
-    c, seen = client(lambda r: httpx.Response(503), max_retries=4, circuit_failure_threshold=3,
-                     max_concurrency=1, circuit_reset="60s")
+    c, seen = client(
+        lambda r: httpx.Response(503),
+        max_retries=4,
+        circuit_failure_threshold=3,
+        max_concurrency=1,
+        circuit_reset="60s",
+    )
     results = fetch(c, [f"r{i}" for i in range(40)])
     assert len(seen) <= 3, "the breaker opened after three failures"
     assert {r.status for r in results.values()} <= {"unavailable", "error"}

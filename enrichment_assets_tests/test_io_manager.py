@@ -57,8 +57,9 @@ def _output(run_id: str, key: dg.AssetKey = HYDRATED) -> dg.OutputContext:
 
 
 def _load(manager: RunScopedPickleIOManager, upstream: dg.OutputContext) -> pd.DataFrame:
-    return manager.load_input(dg.build_input_context(upstream_output=upstream, asset_key=upstream.asset_key,
-                                                     partition_key=PARTITION))
+    return manager.load_input(
+        dg.build_input_context(upstream_output=upstream, asset_key=upstream.asset_key, partition_key=PARTITION)
+    )
 
 
 def _age(run_dir: UPath, days: float) -> None:
@@ -151,9 +152,15 @@ def test_the_code_location_binds_it_for_every_asset() -> None:
 def _run_in_pod(home: Path, env: dict[str, str], *argv: str) -> str:
     """Run ``reexec_defs.main`` in a process of its own, as a run worker in its own pod would."""
     code = "import sys; from enrichment_assets_tests.reexec_defs import main; main(sys.argv[1:])"
-    done = subprocess.run([sys.executable, "-c", code, *argv], check=False, cwd=ROOT,
-                          env={**env, "DAGSTER_HOME": str(home)},
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        check=False,
+        cwd=ROOT,
+        env={**env, "DAGSTER_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout.split()[-1]
 
@@ -164,17 +171,23 @@ def test_a_reexecution_in_another_pod_reads_its_parents_outputs_from_the_shared_
     """The first run fails in pod A (its own DAGSTER_HOME); A is gone when pod B (another DAGSTER_HOME,
     the same run storage) re-executes from the failure, and B reads the parent's frames from the base
     path both share (a directory standing in for a bucket)."""
-    storage_url = make_url(make_postgres_database()).set(drivername="postgresql+psycopg2").render_as_string(
-        hide_password=False)
+    storage_url = (
+        make_url(make_postgres_database()).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    )
     homes = {pod: tmp_path / pod for pod in ("pod_a", "pod_b")}
     for home in homes.values():
         home.mkdir()
-        (home / "dagster.yaml").write_text(yaml.safe_dump(
-            {"storage": {"postgres": {"postgres_url": storage_url}}, "telemetry": {"enabled": False}}))
+        (home / "dagster.yaml").write_text(
+            yaml.safe_dump({"storage": {"postgres": {"postgres_url": storage_url}}, "telemetry": {"enabled": False}})
+        )
     shared, marker, computed = tmp_path / "bucket", tmp_path / "fail-once", tmp_path / "computed.log"
     marker.touch()
-    env = {**os.environ, BASE_PATH_ENV: str(shared), "REEXEC_FAIL_MARKER": str(marker),
-           "REEXEC_COMPUTED_LOG": str(computed)}
+    env = {
+        **os.environ,
+        BASE_PATH_ENV: str(shared),
+        "REEXEC_FAIL_MARKER": str(marker),
+        "REEXEC_COMPUTED_LOG": str(computed),
+    }
 
     failed = _run_in_pod(homes["pod_a"], env, "execute")
     assert not marker.exists(), "the first run reached hydrated and failed there"
@@ -187,8 +200,11 @@ def test_a_reexecution_in_another_pod_reads_its_parents_outputs_from_the_shared_
     with dg.DagsterInstance.from_config(str(homes["pod_b"])) as instance:
         assert instance.get_run_by_id(failed).status == dg.DagsterRunStatus.FAILURE
         run = instance.get_run_by_id(rerun)
-        failures = [e.dagster_event.event_specific_data.error.to_string() for e in instance.all_logs(rerun)
-                    if e.dagster_event and e.dagster_event.is_step_failure]
+        failures = [
+            e.dagster_event.event_specific_data.error.to_string()
+            for e in instance.all_logs(rerun)
+            if e.dagster_event and e.dagster_event.is_step_failure
+        ]
         assert run.status == dg.DagsterRunStatus.SUCCESS, failures
         assert run.parent_run_id == failed
         assert run.tags["dagster/partition"] == reexec_defs.PARTITION

@@ -34,21 +34,48 @@ def test_existing_database_upgrades_in_place(empty_database_url: str) -> None:
     assert store.revision() == "0001"
     seen = datetime(2026, 1, 1, tzinfo=UTC)
     old_entities = sa.table(
-        "entities", *(sa.column(c) for c in (
-            "entity_type", "entity_id", "state", "version", "first_seen_at", "updated_at", "attempts",
-            "next_attempt_at", "last_enriched_at",
-        ))
+        "entities",
+        *(
+            sa.column(c)
+            for c in (
+                "entity_type",
+                "entity_id",
+                "state",
+                "version",
+                "first_seen_at",
+                "updated_at",
+                "attempts",
+                "next_attempt_at",
+                "last_enriched_at",
+            )
+        ),
     )
     with store.engine.begin() as conn:
         conn.execute(
             sa.insert(old_entities),
             [
-                {"entity_type": "thing", "entity_id": "kept", "state": "uncached", "version": 4,
-                 "first_seen_at": seen, "updated_at": seen, "attempts": 0, "next_attempt_at": seen,
-                 "last_enriched_at": None},
-                {"entity_type": "thing", "entity_id": "done", "state": "fully_enriched", "version": 9,
-                 "first_seen_at": seen, "updated_at": seen, "attempts": 0, "next_attempt_at": None,
-                 "last_enriched_at": seen},
+                {
+                    "entity_type": "thing",
+                    "entity_id": "kept",
+                    "state": "uncached",
+                    "version": 4,
+                    "first_seen_at": seen,
+                    "updated_at": seen,
+                    "attempts": 0,
+                    "next_attempt_at": seen,
+                    "last_enriched_at": None,
+                },
+                {
+                    "entity_type": "thing",
+                    "entity_id": "done",
+                    "state": "fully_enriched",
+                    "version": 9,
+                    "first_seen_at": seen,
+                    "updated_at": seen,
+                    "attempts": 0,
+                    "next_attempt_at": None,
+                    "last_enriched_at": seen,
+                },
             ],
         )
 
@@ -98,7 +125,6 @@ def test_fact_store_version_table_leaves_dagsters_alone(empty_database_url: str)
     assert "alembic_version" not in tables
 
 
-
 class _RacingCursor:
     """A cursor whose WAL switch loses to other connections a few times, the way a new SQLite file
     opened by several run workers at once does (SQLite fails the switch at once, without waiting)."""
@@ -107,7 +133,7 @@ class _RacingCursor:
         self.losses = losses
         self.mode = "delete"
 
-    def execute(self, sql: str) -> "_RacingCursor":
+    def execute(self, sql: str) -> _RacingCursor:
         if sql == "PRAGMA journal_mode=WAL":
             if self.losses:
                 self.losses -= 1

@@ -45,29 +45,69 @@ def test_base_url_comes_from_env_when_set() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        ("path: [pipeline_run, ab_tests]", "path: [pipeline_run, ab_testz]",
-         "policies.model_instance.edges[0].path[1]: 'ab_testz' is not a reference of pipeline_run"),
-        ("source: feature_store\n    path", "source: feature_shop\n    path",
-         "entity_types.feature.source: unknown source 'feature_shop'"),
-        ("{field: team_id, type: team}", "{field: team_id, type: squad}",
-         "entity_types.user.references.team.type: unknown entity type 'squad'"),
+        (
+            "path: [pipeline_run, ab_tests]",
+            "path: [pipeline_run, ab_testz]",
+            "policies.model_instance.edges[0].path[1]: 'ab_testz' is not a reference of pipeline_run",
+        ),
+        (
+            "source: feature_store\n    path",
+            "source: feature_shop\n    path",
+            "entity_types.feature.source: unknown source 'feature_shop'",
+        ),
+        (
+            "{field: team_id, type: team}",
+            "{field: team_id, type: squad}",
+            "entity_types.user.references.team.type: unknown entity type 'squad'",
+        ),
         ("path: /tests/{id}", "path: /tests/{id}/{id}", "entity_types.ab_test.path:"),
         ("path: /datasets/{id}", "path: datasets/{id}", "entity_types.dataset.path:"),
-        ('{field: "ab_test_cells[*].test_id"', '{field: "ab_test_cells[*]..test_id"',
-         "entity_types.pipeline_run.references.ab_tests.field: 'ab_test_cells[*]..test_id' is not a field path"),
-        ("staleness_budget: 2h", "staleness_budget: soon", "policies.feature.staleness_budget: 'soon' is not a duration"),
-        ("requests_per_second: 50\n    max_concurrency: 4\n    timeout_seconds: 5\n    max_batch_size: 50",
-         "requests_per_second: 0\n    max_concurrency: 4\n    timeout_seconds: 5\n    max_batch_size: 50",
-         "sources.experimentation_platform.requests_per_second: Input should be greater than 0"),
+        (
+            '{field: "ab_test_cells[*].test_id"',
+            '{field: "ab_test_cells[*]..test_id"',
+            "entity_types.pipeline_run.references.ab_tests.field: 'ab_test_cells[*]..test_id' is not a field path",
+        ),
+        (
+            "staleness_budget: 2h",
+            "staleness_budget: soon",
+            "policies.feature.staleness_budget: 'soon' is not a duration",
+        ),
+        (
+            "requests_per_second: 50\n    max_concurrency: 4\n    timeout_seconds: 5\n    max_batch_size: 50",
+            "requests_per_second: 0\n    max_concurrency: 4\n    timeout_seconds: 5\n    max_batch_size: 50",
+            "sources.experimentation_platform.requests_per_second: Input should be greater than 0",
+        ),
         ("  feature:\n    edges", "  featur:\n    edges", "policies.featur: unknown entity type 'featur'"),
-        ("relation: trained_on", "relation: evaluated_in", "policies.model_instance.edges[1].relation: relation 'evaluated_in' is declared twice"),
-        ("    max_batch_size: 100\n\nentity_types", "\nentity_types",
-         "entity_types.user.batch_path: source 'identity' sets no max_batch_size"),
-        ("    name_field: name\n    search_attributes: [name, format]", "    name_feld: name",
-         "entity_types.dataset.name_feld: Extra inputs are not permitted"),
+        (
+            "relation: trained_on",
+            "relation: evaluated_in",
+            "policies.model_instance.edges[1].relation: relation 'evaluated_in' is declared twice",
+        ),
+        (
+            "    max_batch_size: 100\n\nentity_types",
+            "\nentity_types",
+            "entity_types.user.batch_path: source 'identity' sets no max_batch_size",
+        ),
+        (
+            "    name_field: name\n    search_attributes: [name, format]",
+            "    name_feld: name",
+            "entity_types.dataset.name_feld: Extra inputs are not permitted",
+        ),
     ],
-    ids=["bad-hop", "unknown-source", "unknown-ref-type", "two-ids", "relative-path", "bad-field-path",
-         "bad-duration", "zero-rate", "policy-for-unknown-type", "duplicate-relation", "batch-without-size", "typo-key"],
+    ids=[
+        "bad-hop",
+        "unknown-source",
+        "unknown-ref-type",
+        "two-ids",
+        "relative-path",
+        "bad-field-path",
+        "bad-duration",
+        "zero-rate",
+        "policy-for-unknown-type",
+        "duplicate-relation",
+        "batch-without-size",
+        "typo-key",
+    ],
 )
 def test_mistakes_name_the_key_and_line(old: str, new: str, expected: str) -> None:
     assert old in MDS, "the mutation must apply to the shipped file"
@@ -97,8 +137,11 @@ def test_durations(text: object, seconds: float) -> None:
 
 @pytest.mark.parametrize(
     ("text", "segments"),
-    [("owner_id", (("owner_id", False),)), ("feature_ids[*]", (("feature_ids", True),)),
-     ("ab_test_cells[*].test_id", (("ab_test_cells", True), ("test_id", False)))],
+    [
+        ("owner_id", (("owner_id", False),)),
+        ("feature_ids[*]", (("feature_ids", True),)),
+        ("ab_test_cells[*].test_id", (("ab_test_cells", True), ("test_id", False))),
+    ],
     ids=["plain", "list", "list-of-objects"],
 )
 def test_field_paths(text: str, segments: tuple[tuple[str, bool], ...]) -> None:
@@ -109,8 +152,9 @@ def test_cli_validate(tmp_path: Path) -> None:
     ok = CliRunner().invoke(main, ["policy", "validate", str(SHIPPED_POLICY)])
     assert ok.exit_code == 0 and "is valid" in ok.output and "evaluated_in" in ok.output
     assert "Dagster branches" in ok.output and "model_registry" in ok.output
-    things = CliRunner().invoke(main, ["policy", "validate", str(Path(__file__).parent / "policies" / "things.yaml")],
-                                env={"COLUMNS": "200"})
+    things = CliRunner().invoke(
+        main, ["policy", "validate", str(Path(__file__).parent / "policies" / "things.yaml")], env={"COLUMNS": "200"}
+    )
     assert "no policy: hydrated only as a hop" in " ".join(things.output.split())
     bad = tmp_path / "bad.yaml"
     bad.write_text(MDS.replace("type: ab_test}", "type: ab_tst}"))

@@ -17,7 +17,15 @@ from enrichment_assets.events import Event
 from enrichment_assets.factstore import DerivedEdge, FactStore, Outcome, RetryPolicy
 from enrichment_assets.factstore.schema import entities
 from enrichment_assets.policy import load_policy
-from enrichment_assets.search import Action, SearchIndex, document_id, reconcile, rebuild_index, sync_changed, sync_index
+from enrichment_assets.search import (
+    Action,
+    SearchIndex,
+    document_id,
+    rebuild_index,
+    reconcile,
+    sync_changed,
+    sync_index,
+)
 
 POLICY = load_policy(Path(__file__).parent / "policies" / "chain.yaml")
 LEASE = timedelta(minutes=5)
@@ -32,14 +40,24 @@ def ingest(store: FactStore, entity_type: str, *ids: str, event_type: str = "cre
     store.ingest_events([Event(entity_type=entity_type, entity_id=i, event_type=event_type) for i in ids])
 
 
-def enrich(store: FactStore, entity_type: str, names: dict[str, str], edges: dict[str, list[tuple[str, str]]] | None = None):
+def enrich(
+    store: FactStore, entity_type: str, names: dict[str, str], edges: dict[str, list[tuple[str, str]]] | None = None
+):
     claims = store.claim(entity_type, limit=100, owner="t", lease=LEASE)
     outcomes = []
     for claim in claims:
-        derived = tuple(DerivedEdge(rel, "c", dst, ((entity_type, claim.entity_id), ("c", dst)))
-                        for rel, dst in (edges or {}).get(claim.entity_id, []))
-        outcomes.append(Outcome.of(claim, "enriched", attributes={"id": claim.entity_id, "name": names.get(claim.entity_id, claim.entity_id)},
-                                   edges=derived))
+        derived = tuple(
+            DerivedEdge(rel, "c", dst, ((entity_type, claim.entity_id), ("c", dst)))
+            for rel, dst in (edges or {}).get(claim.entity_id, [])
+        )
+        outcomes.append(
+            Outcome.of(
+                claim,
+                "enriched",
+                attributes={"id": claim.entity_id, "name": names.get(claim.entity_id, claim.entity_id)},
+                edges=derived,
+            )
+        )
     return store.finish("t", outcomes, RetryPolicy())
 
 
@@ -149,8 +167,11 @@ def test_a_document_ahead_of_a_store_whose_versions_went_back_is_found_and_rewri
     sync_index(store, POLICY, search_index)
     before = store.get_entity("a", "a1").doc_version
     with store.engine.begin() as conn:  # the restore: versions back to 1, the name changed meanwhile
-        conn.execute(sa.update(entities).where(entities.c.entity_id == "a1")
-                     .values(doc_version=1, indexed_version=0, attributes={"name": "the store's name"}))
+        conn.execute(
+            sa.update(entities)
+            .where(entities.c.entity_id == "a1")
+            .values(doc_version=1, indexed_version=0, attributes={"name": "the store's name"})
+        )
     assert before > 1
     sync_index(store, POLICY, search_index)
     assert doc(search_index, "a", "a1")["name"] == "the index's old name", "refused as superseded"
@@ -164,8 +185,9 @@ def test_a_document_ahead_of_a_store_whose_versions_went_back_is_found_and_rewri
 def test_full_rebuild_keeps_searches_answering(store: FactStore, search_index: SearchIndex) -> None:
     ingest(store, "a", *(f"a{i:04d}" for i in range(3000)))
     enrich_all = store.claim("a", limit=5000, owner="t", lease=LEASE)
-    store.finish("t", [Outcome.of(c, "enriched", attributes={"name": f"model {c.entity_id}"}) for c in enrich_all],
-                 RetryPolicy())
+    store.finish(
+        "t", [Outcome.of(c, "enriched", attributes={"name": f"model {c.entity_id}"}) for c in enrich_all], RetryPolicy()
+    )
     sync_index(store, POLICY, search_index)
     search_index.refresh()
     before = search_index.current_indices()
@@ -213,7 +235,8 @@ def test_a_hub_document_lists_its_first_edges_per_relation_and_counts_them_all(
     assert len(incoming) == cap
     assert {r["other_id"] for r in incoming} == set(spokes[:cap]), "the first ones by id"
     assert hub["relationship_totals"] == [
-        {"relation": "reaches", "direction": "in", "derived": True, "total": len(spokes)}]
+        {"relation": "reaches", "direction": "in", "derived": True, "total": len(spokes)}
+    ]
     assert len(store.edges_of("c", "hub", direction="in")) == len(spokes), "the full list stays in the store"
     spoke = doc(search_index, "a", spokes[-1])
     assert spoke["relationship_totals"] == [{"relation": "reaches", "direction": "out", "derived": True, "total": 1}]

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 import dagster as dg
 import httpx
 import pytest
-from elasticsearch.helpers import scan
 from dagster._serdes import serialize_value
+from elasticsearch.helpers import scan
 from sqlalchemy.engine import make_url
 
 from enrichment_assets.api import create_app
@@ -41,8 +41,10 @@ def source_token(name: str) -> str:
 
 
 def with_auth(policy: Policy) -> Policy:
-    sources = {name: s.model_copy(update={"auth_header": AuthHeader(name="Authorization", env=f"TOKEN_{name.upper()}")})
-               for name, s in policy.sources.items()}
+    sources = {
+        name: s.model_copy(update={"auth_header": AuthHeader(name="Authorization", env=f"TOKEN_{name.upper()}")})
+        for name, s in policy.sources.items()
+    }
     return policy.model_copy(update={"sources": sources})
 
 
@@ -53,16 +55,25 @@ def simulator() -> Iterator[SimulatorServer]:
 
 
 def test_no_secret_appears_in_logs_events_answers_errors_or_documents(
-    make_postgres_database, simulator: SimulatorServer, elasticsearch_url: str, search_index: SearchIndex,
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+    make_postgres_database,
+    simulator: SimulatorServer,
+    elasticsearch_url: str,
+    search_index: SearchIndex,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     policy = with_auth(load_policy(SHIPPED_POLICY))
     secrets = [WRITE_TOKEN, READ_TOKEN, DB_PASSWORD, *(source_token(n) for n in policy.sources)]
     # Trust auth on the test server: the password is accepted and ignored, but it is in every URL.
     url = make_url(make_postgres_database()).set(password=DB_PASSWORD).render_as_string(hide_password=False)
-    env = {**simulator.environ(), "ENRICHMENT_DATABASE_URL": url, "ENRICHMENT_API_TOKEN": WRITE_TOKEN,
-           "ENRICHMENT_READ_TOKEN": READ_TOKEN,
-           **{f"TOKEN_{n.upper()}": source_token(n) for n in policy.sources}}
+    env = {
+        **simulator.environ(),
+        "ENRICHMENT_DATABASE_URL": url,
+        "ENRICHMENT_API_TOKEN": WRITE_TOKEN,
+        "ENRICHMENT_READ_TOKEN": READ_TOKEN,
+        **{f"TOKEN_{n.upper()}": source_token(n) for n in policy.sources},
+    }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     caplog.set_level(logging.DEBUG)
@@ -73,16 +84,22 @@ def test_no_secret_appears_in_logs_events_answers_errors_or_documents(
     # One source fails for the whole run, so error paths (retries, circuit, stored errors) run too.
     httpx.post(simulator.url + "/admin/outage", json={"source": "datasets", "outage_seconds": 600}).raise_for_status()
     defs = build_definitions(policy)
-    resources = {"fact_store": FactStoreResource(database_url=url), "sources": SourcesResource(),
-                 "search": SearchResource(elasticsearch_url=elasticsearch_url, index_alias=search_index.alias)}
+    resources = {
+        "fact_store": FactStoreResource(database_url=url),
+        "sources": SourcesResource(),
+        "search": SearchResource(elasticsearch_url=elasticsearch_url, index_alias=search_index.alias),
+    }
     with dg.instance_for_test() as instance:
         run = defs.resolve_job_def(ENRICHMENT_JOB).execute_in_process(
-            partition_key=datetime.now(UTC).strftime("%Y-%m-%d"), instance=instance, resources=resources,
-            tags={MODE_TAG: INCREMENTAL})
-        checks = defs.resolve_job_def(CHECKS_JOB).execute_in_process(instance=instance, resources=resources,
-                                                                     raise_on_error=False)
-        events = [serialize_value(record) for result in (run, checks)
-                  for record in instance.all_logs(result.run_id)]
+            partition_key=datetime.now(UTC).strftime("%Y-%m-%d"),
+            instance=instance,
+            resources=resources,
+            tags={MODE_TAG: INCREMENTAL},
+        )
+        checks = defs.resolve_job_def(CHECKS_JOB).execute_in_process(
+            instance=instance, resources=resources, raise_on_error=False
+        )
+        events = [serialize_value(record) for result in (run, checks) for record in instance.all_logs(result.run_id)]
     httpx.post(simulator.url + "/admin/outage", json={"source": "datasets"}).raise_for_status()
 
     states = {s.entity_type: s.counts for s in store.status()}
@@ -90,8 +107,10 @@ def test_no_secret_appears_in_logs_events_answers_errors_or_documents(
     assert any("failed" in e or "deferred" in e or "unavailable" in e for e in events), "the failing source was hit"
     errors = [store.get_entity(t, i).last_error or "" for t in policy.policies for i in generate_ids(t)]
     search_index.refresh()
-    documents = [json.dumps(hit["_source"]) for hit in scan(search_index.client, index=search_index.alias,
-                                                           query={"query": {"match_all": {}}})]
+    documents = [
+        json.dumps(hit["_source"])
+        for hit in scan(search_index.client, index=search_index.alias, query={"query": {"match_all": {}}})
+    ]
     captured = capfd.readouterr()
     places = {
         "log lines": caplog.text + captured.out + captured.err,

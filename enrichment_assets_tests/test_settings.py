@@ -47,8 +47,10 @@ def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> No
     [
         ("entity_types: [a, b]\n", "entity_types: Input should be a valid dictionary"),
         ("entity_types: {a: [\n", "line 2, while parsing"),
-        ("sources: {s: {base_url: 'http://x'}}\nentity_types: {a: {source: t, path: '/a/{id}'}}\n",
-         "line 2, entity_types.a.source: unknown source 't'"),
+        (
+            "sources: {s: {base_url: 'http://x'}}\nentity_types: {a: {source: t, path: '/a/{id}'}}\n",
+            "line 2, entity_types.a.source: unknown source 't'",
+        ),
     ],
     ids=["list", "broken-yaml", "unknown-source"],
 )

@@ -85,8 +85,14 @@ def source() -> Iterator[tuple[CountingSource, str]]:
 
 
 def policy_for(base_url: str, *, requests_per_second: float, max_concurrency: int) -> Policy:
-    warehouse = Source.model_validate({"base_url": base_url, "requests_per_second": requests_per_second,
-                                       "max_concurrency": max_concurrency, "max_retries": 0})
+    warehouse = Source.model_validate(
+        {
+            "base_url": base_url,
+            "requests_per_second": requests_per_second,
+            "max_concurrency": max_concurrency,
+            "max_retries": 0,
+        }
+    )
     return THINGS.model_copy(update={"sources": {"warehouse": warehouse}})
 
 
@@ -115,8 +121,10 @@ def hammer(database_url: str, policy: Policy, seconds: float, start: Any, result
 
 def run_workers(database_url: str, policy: Policy, *, workers: int, seconds: float) -> list[dict[str, Any]]:
     start, results = SPAWN.Barrier(workers + 1), SPAWN.Queue()
-    processes = [SPAWN.Process(target=hammer, args=(database_url, policy, seconds, start, results, n), daemon=True)
-                 for n in range(workers)]
+    processes = [
+        SPAWN.Process(target=hammer, args=(database_url, policy, seconds, start, results, n), daemon=True)
+        for n in range(workers)
+    ]
     for process in processes:
         process.start()
     try:
@@ -190,8 +198,9 @@ def test_a_killed_process_frees_its_slots_within_the_lease(pg_store: FactStore, 
             assert held.acquire(timeout=60)
         time.sleep(lease * 1.5)
         holders = slot_holders(pg_store)
-        assert len(holders) == 3 and len(set(holders.values())) == 1 and None not in holders.values(), \
+        assert len(holders) == 3 and len(set(holders.values())) == 1 and None not in holders.values(), (
             "all slots held by the live process past its first lease (renewed)"
+        )
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.join(timeout=10)
@@ -230,10 +239,15 @@ def test_a_dropped_connection_costs_one_retry(pg_store: FactStore, caplog: pytes
         budgets.book("warehouse", holder="test", count=1, interval=0.1)
         activity = sa.table("pg_stat_activity", sa.column("pid"), sa.column("datname"))
         with pg_store.engine.connect() as conn:
-            killed = conn.execute(
-                sa.select(sa.func.pg_terminate_backend(activity.c.pid))
-                .where(activity.c.datname == sa.func.current_database(), activity.c.pid != sa.func.pg_backend_pid())
-            ).scalars().all()
+            killed = (
+                conn.execute(
+                    sa.select(sa.func.pg_terminate_backend(activity.c.pid)).where(
+                        activity.c.datname == sa.func.current_database(), activity.c.pid != sa.func.pg_backend_pid()
+                    )
+                )
+                .scalars()
+                .all()
+            )
         assert any(killed), "the budget connection was open and got dropped"
         with caplog.at_level(logging.WARNING, logger="enrichment_assets.factstore.budgets"):
             booking = budgets.book("warehouse", holder="test", count=1, interval=0.1)

@@ -70,6 +70,7 @@ def client(server: SimulatorServer) -> Iterator[httpx.Client]:
 
 # --- the contract and the graph ---------------------------------------------------------------------
 
+
 def test_catalog_matches_the_policy_file() -> None:
     for name, source in MDS["sources"].items():
         url = urlsplit(source["base_url"])
@@ -84,8 +85,9 @@ def test_catalog_matches_the_policy_file() -> None:
         refs = {ref: (r["field"], r["type"]) for ref, r in spec.get("references", {}).items()}
         assert dict(REFERENCES.get(name, {})) == refs
     assert set(ENTITY_TYPES) == set(MDS["entity_types"]) == set(BASE_COUNTS)
-    policies = {t: {e["relation"]: tuple(e["path"]) for e in p["edges"]}
-                for t, p in MDS["policies"].items() if p.get("edges")}
+    policies = {
+        t: {e["relation"]: tuple(e["path"]) for e in p["edges"]} for t, p in MDS["policies"].items() if p.get("edges")
+    }
     assert {t: dict(edges) for t, edges in DERIVED_EDGES.items()} == policies
 
 
@@ -103,12 +105,16 @@ def test_counts_scale_linearly_with_a_floor(scale: float) -> None:
 
 
 def test_graph_shapes_and_fan_in() -> None:
-    keys = {"model": {"id", "name", "framework", "owner_id", "created_at"},
-            "model_instance": {"id", "name", "stage", "model_id", "pipeline_run_id", "feature_ids",
-                               "created_at"},
-            "pipeline_run": {"id", "name", "status", "input_dataset_ids", "ab_test_cells", "started_at"},
-            "ab_test": {"id", "name", "status", "cells"}, "feature": {"id", "name", "dataset_id"},
-            "dataset": {"id", "name", "format"}, "user": {"id", "name", "team_id"}, "team": {"id", "name"}}
+    keys = {
+        "model": {"id", "name", "framework", "owner_id", "created_at"},
+        "model_instance": {"id", "name", "stage", "model_id", "pipeline_run_id", "feature_ids", "created_at"},
+        "pipeline_run": {"id", "name", "status", "input_dataset_ids", "ab_test_cells", "started_at"},
+        "ab_test": {"id", "name", "status", "cells"},
+        "feature": {"id", "name", "dataset_id"},
+        "dataset": {"id", "name", "format"},
+        "user": {"id", "name", "team_id"},
+        "team": {"id", "name"},
+    }
     graph = generate_graph(SEED, 0.1)
     for entity_type, entity in graph.items():
         assert set(entity) == keys[entity_type]
@@ -125,34 +131,47 @@ def test_graph_shapes_and_fan_in() -> None:
     assert shared >= 10  # skewed: one run carries many instances
 
 
-@pytest.mark.parametrize(("field", "expected"), [
-    ("pipeline_run_id", ["run-1"]),
-    ("ab_test_cells[*].test_id", ["ab-1", "ab-2"]),
-    ("feature_ids[*]", ["f-1"]),
-    ("nested.inner", []),
-    ("missing[*].x", []),
-], ids=["scalar", "fan-out-then-field", "fan-out", "absent-parent", "absent-list"])
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        ("pipeline_run_id", ["run-1"]),
+        ("ab_test_cells[*].test_id", ["ab-1", "ab-2"]),
+        ("feature_ids[*]", ["f-1"]),
+        ("nested.inner", []),
+        ("missing[*].x", []),
+    ],
+    ids=["scalar", "fan-out-then-field", "fan-out", "absent-parent", "absent-list"],
+)
 def test_field_values(field: str, expected: list[str]) -> None:
-    entity = {"pipeline_run_id": "run-1", "feature_ids": ["f-1", 5],
-              "ab_test_cells": [{"test_id": "ab-1", "cell": "A"}, {"test_id": "ab-2"}, {"cell": "B"}]}
+    entity = {
+        "pipeline_run_id": "run-1",
+        "feature_ids": ["f-1", 5],
+        "ab_test_cells": [{"test_id": "ab-1", "cell": "A"}, {"test_id": "ab-2"}, {"cell": "B"}],
+    }
     assert field_values(entity, field) == expected
 
 
 def test_expected_edges_follow_the_sources_hop_by_hop() -> None:
-    mi = next(m for m in GRAPH.entities["model_instance"].values()
-              if GRAPH.get("pipeline_run", m["pipeline_run_id"])["ab_test_cells"])
+    mi = next(
+        m
+        for m in GRAPH.entities["model_instance"].values()
+        if GRAPH.get("pipeline_run", m["pipeline_run_id"])["ab_test_cells"]
+    )
     run = GRAPH.get("pipeline_run", mi["pipeline_run_id"])
     owner = GRAPH.get("user", GRAPH.get("model", mi["model_id"])["owner_id"])
     assert GRAPH.ab_tests_for_model_instance(mi["id"]) == {c["test_id"] for c in run["ab_test_cells"]}
     assert GRAPH.expected_edges("model_instance", mi["id"]) == {
         "evaluated_in": {c["test_id"] for c in run["ab_test_cells"]},
-        "trained_on": set(run["input_dataset_ids"]), "uses_feature": set(mi["feature_ids"]),
-        "owned_by_team": {owner["team_id"]}}
+        "trained_on": set(run["input_dataset_ids"]),
+        "uses_feature": set(mi["feature_ids"]),
+        "owned_by_team": {owner["team_id"]},
+    }
     assert GRAPH.follow("pipeline_run", run["id"], "input_dataset_ids[*]") == run["input_dataset_ids"]
     assert GRAPH.ab_tests_for_model_instance("mi-nope") == set()
 
 
 # --- the HTTP sources ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("entity_type", list(MDS["entity_types"]))
 def test_single_and_batch_get_for_every_entity_type(
@@ -167,8 +186,10 @@ def test_single_and_batch_get_for_every_entity_type(
         return
     batch = client.get(_batch_url(entity_type), params=[("ids", first), ("ids", "nope"), ("ids", second)])
     assert batch.status_code == 200
-    assert batch.json() == {"items": [GRAPH.get(entity_type, first), GRAPH.get(entity_type, second)],
-                            "missing": ["nope"]}
+    assert batch.json() == {
+        "items": [GRAPH.get(entity_type, first), GRAPH.get(entity_type, second)],
+        "missing": ["nope"],
+    }
     limit = MDS["sources"][MDS["entity_types"][entity_type]["source"]]["max_batch_size"]
     assert client.get(_batch_url(entity_type), params=[("ids", first)] * limit).status_code == 200
     too_many = client.get(_batch_url(entity_type), params=[("ids", first)] * (limit + 1))
@@ -195,12 +216,15 @@ def test_traversal_ids_stay_one_segment_and_never_reach_admin(
     assert client.get(url).json() == {"id": entity_id, "name": "odd"}
     log = client.get("/admin/requests", params={"limit": 50}).json()["requests"]
     to_entity = [r for r in log if r["path"] == url.raw_path.decode()]
-    assert [(r["source"], r["status"]) for r in to_entity] == [("pipeline_orchestration", 404),
-                                                                 ("pipeline_orchestration", 200)]
+    assert [(r["source"], r["status"]) for r in to_entity] == [
+        ("pipeline_orchestration", 404),
+        ("pipeline_orchestration", 200),
+    ]
     assert {r["path"] for r in log if r["source"] is None} == {"/admin/reset", "/admin/entities"}
 
 
 # --- knobs ---------------------------------------------------------------------------------------------
+
 
 def test_latency_and_jitter_apply_to_one_source(client: httpx.Client) -> None:
     client.post("/admin/knobs", json={"source": "datasets", "latency_ms": 200, "jitter_ms": 100})
@@ -247,8 +271,10 @@ def test_outage_then_recovery(client: httpx.Client) -> None:
 def test_malformed_bodies(client: httpx.Client) -> None:
     client.post("/admin/knobs", json={"source": "model_registry", "malformed_rate": 1.0})
     for _ in range(10):
-        for answer in (client.get("/model-registry/models/model-0001"),
-                       client.get("/model-registry/models", params={"ids": "model-0001"})):
+        for answer in (
+            client.get("/model-registry/models/model-0001"),
+            client.get("/model-registry/models", params={"ids": "model-0001"}),
+        ):
             assert answer.status_code == 200
             try:
                 body: Any = answer.json()
@@ -261,8 +287,9 @@ def test_late_entities_on_an_injected_clock() -> None:
     now = [1_000_000.0]
     simulator = Simulator(GRAPH, clock=lambda: now[0])
     with SimulatorServer(simulator) as server, httpx.Client(base_url=server.url) as http:
-        marked = http.post("/admin/late", json={"entity_type": "pipeline_run", "ids": ["run-00001"],
-                                                "available_in_seconds": 30})
+        marked = http.post(
+            "/admin/late", json={"entity_type": "pipeline_run", "ids": ["run-00001"], "available_in_seconds": 30}
+        )
         assert marked.json()["marked"] == 1
         assert http.get("/pipeline-orchestration/runs/run-00001").status_code == 404
         batch = http.get("/pipeline-orchestration/runs", params=[("ids", "run-00001"), ("ids", "run-00002")])
@@ -286,32 +313,48 @@ def test_late_fraction_marks_a_seeded_share_of_runs() -> None:
 def test_mutation_add_and_delete_change_the_answers(server: SimulatorServer, client: httpx.Client) -> None:
     mi = GRAPH.get("model_instance", "mi-000001")
     change = {"ab_test_cells": [{"test_id": "ab-0003", "cell": "B"}]}
-    mutated = client.post("/admin/mutate", json={"entity_type": "pipeline_run", "id": mi["pipeline_run_id"],
-                                                 "set": change})
+    mutated = client.post(
+        "/admin/mutate", json={"entity_type": "pipeline_run", "id": mi["pipeline_run_id"], "set": change}
+    )
     assert mutated.status_code == 200
-    assert client.get(f"/pipeline-orchestration/runs/{mi['pipeline_run_id']}").json()["ab_test_cells"] == \
-        change["ab_test_cells"]
+    assert (
+        client.get(f"/pipeline-orchestration/runs/{mi['pipeline_run_id']}").json()["ab_test_cells"]
+        == change["ab_test_cells"]
+    )
     assert server.simulator.graph.snapshot().ab_tests_for_model_instance("mi-000001") == {"ab-0003"}
-    assert client.post("/admin/entities/delete", json={"entity_type": "ab_test", "id": "ab-0003"}).json() == \
-        {"deleted": True}
+    assert client.post("/admin/entities/delete", json={"entity_type": "ab_test", "id": "ab-0003"}).json() == {
+        "deleted": True
+    }
     assert client.get("/experimentation/tests/ab-0003").status_code == 404
     assert server.simulator.graph.snapshot().ab_tests_for_model_instance("mi-000001") == set()
     client.post("/admin/reset", json={"graph": True})
     assert client.get("/experimentation/tests/ab-0003").status_code == 200
 
 
-@pytest.mark.parametrize(("path", "body", "status", "named"), [
-    ("/admin/knobs", {"source": "nowhere", "latency_ms": 1}, 400, "nowhere"),
-    ("/admin/knobs", {"error_rate": 2}, 400, "error_rate"),
-    ("/admin/knobs", {"latency": 5}, 400, "latency"),
-    ("/admin/mutate", {"entity_type": "pipeline_run", "id": "run-x", "set": {}}, 404, "run-x"),
-    ("/admin/mutate", {"entity_type": "run", "id": "run-00001", "set": {}}, 400, "run"),
-    ("/admin/mutate", {"entity_type": "pipeline_run", "id": "run-00001", "set": {"id": "other"}}, 400, "id"),
-    ("/admin/late", {"entity_type": "pipeline_run", "ids": "run-1", "available_in_seconds": 1}, 400, "ids"),
-], ids=["unknown-source", "rate-out-of-range", "unknown-knob", "unknown-entity", "unknown-type",
-        "id-change", "ids-not-a-list"])
-def test_admin_rejects_bad_bodies(client: httpx.Client, path: str, body: dict[str, Any], status: int,
-                                  named: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "body", "status", "named"),
+    [
+        ("/admin/knobs", {"source": "nowhere", "latency_ms": 1}, 400, "nowhere"),
+        ("/admin/knobs", {"error_rate": 2}, 400, "error_rate"),
+        ("/admin/knobs", {"latency": 5}, 400, "latency"),
+        ("/admin/mutate", {"entity_type": "pipeline_run", "id": "run-x", "set": {}}, 404, "run-x"),
+        ("/admin/mutate", {"entity_type": "run", "id": "run-00001", "set": {}}, 400, "run"),
+        ("/admin/mutate", {"entity_type": "pipeline_run", "id": "run-00001", "set": {"id": "other"}}, 400, "id"),
+        ("/admin/late", {"entity_type": "pipeline_run", "ids": "run-1", "available_in_seconds": 1}, 400, "ids"),
+    ],
+    ids=[
+        "unknown-source",
+        "rate-out-of-range",
+        "unknown-knob",
+        "unknown-entity",
+        "unknown-type",
+        "id-change",
+        "ids-not-a-list",
+    ],
+)
+def test_admin_rejects_bad_bodies(
+    client: httpx.Client, path: str, body: dict[str, Any], status: int, named: str
+) -> None:
     answer = client.post(path, json=body)
     assert answer.status_code == status and named in answer.json()["error"]
 
@@ -324,8 +367,7 @@ def test_stats_peak_rate_and_batch_sizes(client: httpx.Client) -> None:
         client.get("/feature-store/features", params=[("ids", f"feat-000{i + 1}") for i in range(size)])
     stats = client.get("/admin/stats").json()["sources"]["feature_store"]
     assert stats["requests"] == 8 and stats["peak_rps"] == 5 and stats["by_status"] == {"200": 8}
-    assert stats["batches"] == {"requests": 3, "ids": 7, "max": 3, "mean": 2.33,
-                                "histogram": {"2": 2, "3": 1}}
+    assert stats["batches"] == {"requests": 3, "ids": 7, "max": 3, "mean": 2.33, "histogram": {"2": 2, "3": 1}}
     assert client.get("/admin/stats").json()["sources"]["identity"]["requests"] == 0
 
 
@@ -346,17 +388,19 @@ def test_request_log_is_a_bounded_ring() -> None:
 
 # --- the command ---------------------------------------------------------------------------------------
 
+
 def test_emit_events_covers_the_graph_with_forward_references(tmp_path: Path) -> None:
     result = CliRunner().invoke(simulate, ["--emit-events", "--seed", "7", "--scale", "0.01"])
     assert result.exit_code == 0, result.output
     events = [json.loads(line) for line in result.output.splitlines()]
     graph = generate_graph(7, 0.01)
-    assert sorted((e["entity_type"], e["entity_id"]) for e in events) == \
-        sorted((t, e["id"]) for t, e in graph.items())
+    assert sorted((e["entity_type"], e["entity_id"]) for e in events) == sorted((t, e["id"]) for t, e in graph.items())
     assert {e["event_type"] for e in events} == {"created"} and all(e["occurred_at"] for e in events)
     position = {(e["entity_type"], e["entity_id"]): n for n, e in enumerate(events)}
-    assert any(position[("model_instance", mi["id"])] < position[("pipeline_run", mi["pipeline_run_id"])]
-               for mi in graph.entities["model_instance"].values())
+    assert any(
+        position[("model_instance", mi["id"])] < position[("pipeline_run", mi["pipeline_run_id"])]
+        for mi in graph.entities["model_instance"].values()
+    )
     out = tmp_path / "events.ndjson"
     again = CliRunner().invoke(simulate, ["--emit-events", "--scale", "0.01", "--output", str(out)])
     assert again.exit_code == 0 and out.read_text() == result.output

@@ -14,9 +14,9 @@ import pytest
 
 from enrichment_assets.events import Event
 from enrichment_assets.factstore import FactStore
-from enrichment_assets.steps.cycle import enrich_cycle
 from enrichment_assets.hydration.pool import SourcePool
 from enrichment_assets.policy import Policy, load_policy
+from enrichment_assets.steps.cycle import enrich_cycle
 
 POLICY = load_policy(Path(__file__).parent / "policies" / "chain.yaml")
 
@@ -42,18 +42,23 @@ class Sources:
                 self.hits[(etype, i)] = self.hits.get((etype, i), 0) + 1
             if len(parts) == 3:
                 items = [self.data[(etype, i)] for i in ids if (etype, i) in self.data]
-                return httpx.Response(200, json={"items": items, "missing": [i for i in ids if (etype, i) not in self.data]})
+                return httpx.Response(
+                    200, json={"items": items, "missing": [i for i in ids if (etype, i) not in self.data]}
+                )
             body = self.data.get((etype, ids[0]))
             return httpx.Response(404) if body is None else httpx.Response(200, json=body)
+
         return httpx.MockTransport(handle)
 
 
-def cycle(store: FactStore, sources: Sources, types: list[str] | None = None, *, policy: Policy = POLICY,
-          **kwargs: Any):
+def cycle(
+    store: FactStore, sources: Sources, types: list[str] | None = None, *, policy: Policy = POLICY, **kwargs: Any
+):
     async def run():
         transports = {"alpha": sources.transport("alpha"), "beta": sources.transport("beta")}
         async with SourcePool(policy, transports=transports) as pool:
             return await enrich_cycle(store, policy, pool, owner="test", entity_types=types, **kwargs)
+
     return {r.entity_type: r for r in asyncio.run(run())}
 
 
@@ -62,7 +67,9 @@ def graph() -> Sources:
         ("a", "a1"): {"id": "a1", "b_id": "b1", "c_ids": ["c9"]},
         ("a", "a2"): {"id": "a2", "b_id": "b1"},
         ("b", "b1"): {"id": "b1", "cells": [{"c_id": "c1"}, {"c_id": "c2"}, {"c_id": "c1"}]},
-        ("c", "c1"): {"id": "c1"}, ("c", "c2"): {"id": "c2"}, ("c", "c9"): {"id": "c9"},
+        ("c", "c1"): {"id": "c1"},
+        ("c", "c2"): {"id": "c2"},
+        ("c", "c9"): {"id": "c9"},
     }
     return Sources(data)
 
@@ -153,8 +160,12 @@ def test_changed_path_retracts_the_old_edge(store: FactStore) -> None:
     sources = graph()
     cycle(store, sources, ["a"])
     sources.data[("b", "b1")] = {"id": "b1", "cells": [{"c_id": "c2"}]}
-    store.ingest_events([Event(entity_type="a", entity_id="a2", event_type="updated"),
-                         Event(entity_type="b", entity_id="b1", event_type="updated")])
+    store.ingest_events(
+        [
+            Event(entity_type="a", entity_id="a2", event_type="updated"),
+            Event(entity_type="b", entity_id="b1", event_type="updated"),
+        ]
+    )
     report = cycle(store, sources, ["a"])["a"]
     assert edges(store, "a2") == {("reaches", "c2")}
     retracted = {(c.src_id, c.dst_id) for c in report.result.edge_changes if c.change == "retracted"}

@@ -33,8 +33,8 @@ from enrichment_assets.defs.names import (
     step_key,
 )
 from enrichment_assets.defs.partitions import partitions_for
-from enrichment_assets.defs.run_status import lease_owner
 from enrichment_assets.defs.resources import FactStoreResource, SearchResource, SourcesResource
+from enrichment_assets.defs.run_status import lease_owner
 from enrichment_assets.hydration.walker import WalkReport
 from enrichment_assets.policy import Policy
 from enrichment_assets.steps import claim_candidates, index_changes, settle_outcomes, walk_claims
@@ -61,7 +61,10 @@ def source_specs(policy: Policy) -> list[dg.AssetSpec]:
     which feed each branch."""
     return [
         dg.AssetSpec(
-            source_key(name), group_name="sources", kinds={"http"}, description=descriptions.source(policy, name),
+            source_key(name),
+            group_name="sources",
+            kinds={"http"},
+            description=descriptions.source(policy, name),
             metadata={
                 "owns": ", ".join(sorted(t for t, e in policy.entity_types.items() if e.source == name)),
                 "requests_per_second": source.requests_per_second,
@@ -74,17 +77,24 @@ def source_specs(policy: Policy) -> list[dg.AssetSpec]:
 
 
 def search_index_spec(policy: Policy) -> dg.AssetSpec:
-    return dg.AssetSpec(SEARCH_INDEX_KEY, group_name="search", kinds={"elasticsearch"},
-                        deps=[step_key(t, "index_updates") for t in branch_types(policy)],
-                        description=descriptions.SEARCH_INDEX)
+    return dg.AssetSpec(
+        SEARCH_INDEX_KEY,
+        group_name="search",
+        kinds={"elasticsearch"},
+        deps=[step_key(t, "index_updates") for t in branch_types(policy)],
+        description=descriptions.SEARCH_INDEX,
+    )
 
 
 def build_branch(policy: Policy, entity_type: str) -> list[dg.AssetsDefinition]:
     """The four assets of one entity type's branch."""
-    common: dict[str, Any] = {"group_name": entity_type, "partitions_def": partitions_for(policy),
-                              "owners": ["team:data-platform"], "tags": {"entity_type": entity_type}}
-    return [builder(policy, entity_type, common)
-            for builder in (_candidates, _hydrated, _edges, _index_updates)]
+    common: dict[str, Any] = {
+        "group_name": entity_type,
+        "partitions_def": partitions_for(policy),
+        "owners": ["team:data-platform"],
+        "tags": {"entity_type": entity_type},
+    }
+    return [builder(policy, entity_type, common) for builder in (_candidates, _hydrated, _edges, _index_updates)]
 
 
 def _window(context: dg.AssetExecutionContext) -> tuple[datetime, datetime]:
@@ -105,24 +115,38 @@ def _owner(context: dg.AssetExecutionContext) -> str:
 
 
 def _candidates(policy: Policy, entity_type: str, common: dict[str, Any]) -> dg.AssetsDefinition:
-    @dg.asset(key=step_key(entity_type, "candidates"), kinds={"postgres", "pandas"}, **common,
-              description=descriptions.candidates(policy, entity_type))
-    def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig,
-                   fact_store: FactStoreResource) -> pd.DataFrame:
+    @dg.asset(
+        key=step_key(entity_type, "candidates"),
+        kinds={"postgres", "pandas"},
+        **common,
+        description=descriptions.candidates(policy, entity_type),
+    )
+    def candidates(
+        context: dg.AssetExecutionContext, config: CandidatesConfig, fact_store: FactStoreResource
+    ) -> pd.DataFrame:
         store, window, mode = fact_store.store, _window(context), _mode(context)
         before = store.staleness(entity_type, window)
-        claims = claim_candidates(store, policy, entity_type, owner=_owner(context),
-                                  lease=timedelta(minutes=config.lease_minutes),
-                                  limit=None if mode == RECOMPUTE else config.limit, batch_size=config.batch_size,
-                                  window=window, recompute=mode == RECOMPUTE)
+        claims = claim_candidates(
+            store,
+            policy,
+            entity_type,
+            owner=_owner(context),
+            lease=timedelta(minutes=config.lease_minutes),
+            limit=None if mode == RECOMPUTE else config.limit,
+            batch_size=config.batch_size,
+            window=window,
+            recompute=mode == RECOMPUTE,
+        )
         frame = frames.claims_frame(claims)
-        context.add_output_metadata({
-            "mode": mode,
-            **frames.ints({"claimed": len(frame)}),
-            **frames.ints({f"claimed_{r}": n for r, n in sorted(Counter(frame["reason"]).items())}),
-            **frames.staleness_metadata(before),
-            "preview": frames.markdown(frame[["entity_id", "reason", "attempts"]]),
-        })
+        context.add_output_metadata(
+            {
+                "mode": mode,
+                **frames.ints({"claimed": len(frame)}),
+                **frames.ints({f"claimed_{r}": n for r, n in sorted(Counter(frame["reason"]).items())}),
+                **frames.staleness_metadata(before),
+                "preview": frames.markdown(frame[["entity_id", "reason", "attempts"]]),
+            }
+        )
         context.log.info("%s: leased %d %s entities of %s", mode, len(frame), entity_type, context.partition_key)
         return frame
 
@@ -132,18 +156,35 @@ def _candidates(policy: Policy, entity_type: str, common: dict[str, Any]) -> dg.
 def _hydrated(policy: Policy, entity_type: str, common: dict[str, Any]) -> dg.AssetsDefinition:
     touched = policy.sources_touched(entity_type)
 
-    @dg.asset(key=step_key(entity_type, "hydrated"), ins={"candidates": dg.AssetIn(key=step_key(entity_type, "candidates"))},
-              deps=[source_key(s) for s in touched], kinds={"http", "pandas"}, **common,
-              description=descriptions.hydrated(policy, entity_type))
-    def hydrated(context: dg.AssetExecutionContext, config: HydrateConfig, candidates: pd.DataFrame,
-                 fact_store: FactStoreResource, sources: SourcesResource) -> pd.DataFrame:
+    @dg.asset(
+        key=step_key(entity_type, "hydrated"),
+        ins={"candidates": dg.AssetIn(key=step_key(entity_type, "candidates"))},
+        deps=[source_key(s) for s in touched],
+        kinds={"http", "pandas"},
+        **common,
+        description=descriptions.hydrated(policy, entity_type),
+    )
+    def hydrated(
+        context: dg.AssetExecutionContext,
+        config: HydrateConfig,
+        candidates: pd.DataFrame,
+        fact_store: FactStoreResource,
+        sources: SourcesResource,
+    ) -> pd.DataFrame:
         store = fact_store.store
 
         async def walk() -> tuple[list[Any], dict[str, dict[str, Any]]]:
             async with sources.pool(policy, store) as pool:
-                walks = await walk_claims(store, policy, pool, entity_type, frames.claims_of(candidates),
-                                          owner=_owner(context), batch_size=config.batch_size,
-                                          progress=lambda done, total: context.log.info("walked %d/%d", done, total))
+                walks = await walk_claims(
+                    store,
+                    policy,
+                    pool,
+                    entity_type,
+                    frames.claims_of(candidates),
+                    owner=_owner(context),
+                    batch_size=config.batch_size,
+                    progress=lambda done, total: context.log.info("walked %d/%d", done, total),
+                )
                 return walks, pool.stats()
 
         walks, stats = asyncio.run(walk())
@@ -151,56 +192,97 @@ def _hydrated(policy: Policy, entity_type: str, common: dict[str, Any]) -> dg.As
         for each in walks:
             report.absorb(each.report)
         frame = frames.outcomes_frame(o for each in walks for o in each.outcomes)
-        context.add_output_metadata({
-            **frames.ints({"hydrated": report.fetched, "cache_hits": report.cache_hits,
-                           "prefetched": report.prefetched, "propagated": report.propagated}),
-            **frames.ints(frames.outcome_counts(frame)),
-            **frames.ints({f"source_{label}/{name}": stats[name][kind] for name in touched
-                           for label, kind in (("calls", "requests"), ("errors", "errors"),
-                                               ("throttled", "throttled"))}),
-            "errors_by_source": dg.MetadataValue.json(dict(report.errors_by_source)),
-            "preview": frames.markdown(frame[["entity_id", "outcome", "error"]]),
-        })
+        context.add_output_metadata(
+            {
+                **frames.ints(
+                    {
+                        "hydrated": report.fetched,
+                        "cache_hits": report.cache_hits,
+                        "prefetched": report.prefetched,
+                        "propagated": report.propagated,
+                    }
+                ),
+                **frames.ints(frames.outcome_counts(frame)),
+                **frames.ints(
+                    {
+                        f"source_{label}/{name}": stats[name][kind]
+                        for name in touched
+                        for label, kind in (("calls", "requests"), ("errors", "errors"), ("throttled", "throttled"))
+                    }
+                ),
+                "errors_by_source": dg.MetadataValue.json(dict(report.errors_by_source)),
+                "preview": frames.markdown(frame[["entity_id", "outcome", "error"]]),
+            }
+        )
         return frame
 
     return hydrated
 
 
 def _edges(policy: Policy, entity_type: str, common: dict[str, Any]) -> dg.AssetsDefinition:
-    @dg.asset(key=step_key(entity_type, "edges"), ins={"hydrated": dg.AssetIn(key=step_key(entity_type, "hydrated"))},
-              kinds={"postgres", "pandas"}, **common, description=descriptions.edges(policy, entity_type))
-    def edges(context: dg.AssetExecutionContext, hydrated: pd.DataFrame,
-              fact_store: FactStoreResource) -> pd.DataFrame:
-        report = asyncio.run(settle_outcomes(fact_store.store, policy, entity_type, frames.outcomes_of(hydrated),
-                                             owner=_owner(context)))
+    @dg.asset(
+        key=step_key(entity_type, "edges"),
+        ins={"hydrated": dg.AssetIn(key=step_key(entity_type, "hydrated"))},
+        kinds={"postgres", "pandas"},
+        **common,
+        description=descriptions.edges(policy, entity_type),
+    )
+    def edges(context: dg.AssetExecutionContext, hydrated: pd.DataFrame, fact_store: FactStoreResource) -> pd.DataFrame:
+        report = asyncio.run(
+            settle_outcomes(fact_store.store, policy, entity_type, frames.outcomes_of(hydrated), owner=_owner(context))
+        )
         result = report.result
         frame = frames.edge_changes_frame(result.edge_changes)
-        context.add_output_metadata({
-            **frames.ints({"edges_asserted": result.edges_asserted, "edges_retracted": result.edges_retracted,
-                           "edges_confirmed": result.edges_confirmed, "enriched": result.enriched,
-                           "partial": result.partial, "failed": result.failed, "quarantined": result.quarantined,
-                           "deferred": result.deferred, "deleted": result.deleted,
-                           "superseded_by_newer_events": result.superseded, "leases_lost": len(result.lost),
-                           "propagated": report.propagated}),
-            "preview": frames.markdown(frame),
-        })
+        context.add_output_metadata(
+            {
+                **frames.ints(
+                    {
+                        "edges_asserted": result.edges_asserted,
+                        "edges_retracted": result.edges_retracted,
+                        "edges_confirmed": result.edges_confirmed,
+                        "enriched": result.enriched,
+                        "partial": result.partial,
+                        "failed": result.failed,
+                        "quarantined": result.quarantined,
+                        "deferred": result.deferred,
+                        "deleted": result.deleted,
+                        "superseded_by_newer_events": result.superseded,
+                        "leases_lost": len(result.lost),
+                        "propagated": report.propagated,
+                    }
+                ),
+                "preview": frames.markdown(frame),
+            }
+        )
         return frame
 
     return edges
 
 
 def _index_updates(policy: Policy, entity_type: str, common: dict[str, Any]) -> dg.AssetsDefinition:
-    @dg.asset(key=step_key(entity_type, "index_updates"),
-              ins={"edges": dg.AssetIn(key=step_key(entity_type, "edges")),
-                   "hydrated": dg.AssetIn(key=step_key(entity_type, "hydrated"))},
-              kinds={"elasticsearch", "pandas"}, **common,
-              freshness_policy=_freshness(policy.effective(entity_type).staleness_budget),
-              description=descriptions.index_updates(policy, entity_type))
-    def index_updates(context: dg.AssetExecutionContext, edges: pd.DataFrame, hydrated: pd.DataFrame,
-                      fact_store: FactStoreResource, search: SearchResource) -> pd.DataFrame:
+    @dg.asset(
+        key=step_key(entity_type, "index_updates"),
+        ins={
+            "edges": dg.AssetIn(key=step_key(entity_type, "edges")),
+            "hydrated": dg.AssetIn(key=step_key(entity_type, "hydrated")),
+        },
+        kinds={"elasticsearch", "pandas"},
+        **common,
+        freshness_policy=_freshness(policy.effective(entity_type).staleness_budget),
+        description=descriptions.index_updates(policy, entity_type),
+    )
+    def index_updates(
+        context: dg.AssetExecutionContext,
+        edges: pd.DataFrame,
+        hydrated: pd.DataFrame,
+        fact_store: FactStoreResource,
+        search: SearchResource,
+    ) -> pd.DataFrame:
         store, index = fact_store.store, search.index
-        ends = sorted({(r.src_type, r.src_id) for r in edges.itertuples(index=False)}
-                      | {(r.dst_type, r.dst_id) for r in edges.itertuples(index=False)})
+        ends = sorted(
+            {(r.src_type, r.src_id) for r in edges.itertuples(index=False)}
+            | {(r.dst_type, r.dst_id) for r in edges.itertuples(index=False)}
+        )
         roots = {(r.entity_type, r.entity_id) for r in hydrated.itertuples(index=False)}
         metadata: dict[str, Any] = {}
         written: set[tuple[str, str]] = set()
@@ -210,13 +292,24 @@ def _index_updates(policy: Policy, entity_type: str, common: dict[str, Any]) -> 
         else:
             step = index_changes(store, policy, index, roots | set(ends))
             written = step.total.changed
-            metadata.update(frames.ints({"documents_indexed": step.total.indexed, "documents_deleted": step.total.deleted,
-                                         "own_documents_indexed": step.own.indexed + step.own.deleted,
-                                         "superseded": step.total.superseded, "failures": len(step.total.failures)}))
+            metadata.update(
+                frames.ints(
+                    {
+                        "documents_indexed": step.total.indexed,
+                        "documents_deleted": step.total.deleted,
+                        "own_documents_indexed": step.own.indexed + step.own.deleted,
+                        "superseded": step.total.superseded,
+                        "failures": len(step.total.failures),
+                    }
+                )
+            )
             metadata["outbox_drained_here"] = dg.MetadataValue.bool(step.drained_here)
             if step.total.failures:
-                context.log.warning("%d documents stay in the outbox for the next sync: %s",
-                                    len(step.total.failures), list(step.total.failures.items())[:3])
+                context.log.warning(
+                    "%d documents stay in the outbox for the next sync: %s",
+                    len(step.total.failures),
+                    list(step.total.failures.items())[:3],
+                )
         metadata.update(frames.ints({"edge_ends": len(ends), "edge_ends_behind": len(store.index_behind(ends))}))
         metadata.update(frames.staleness_metadata(store.staleness(entity_type, _window(context))))
         context.add_output_metadata(metadata)

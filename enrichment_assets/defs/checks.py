@@ -7,8 +7,8 @@ import dagster as dg
 from elasticsearch import ApiError, TransportError
 
 from enrichment_assets.defs.names import SEARCH_INDEX_KEY, branch_types
-from enrichment_assets.policy import Policy
 from enrichment_assets.defs.resources import FactStoreResource, SearchResource
+from enrichment_assets.policy import Policy
 from enrichment_assets.search.reconcile import reconcile
 
 
@@ -56,7 +56,8 @@ def _type_checks(policy: Policy, entity_type: str) -> list[dg.AssetChecksDefinit
         return dg.AssetCheckResult(
             passed=count == 0,
             severity=dg.AssetCheckSeverity.WARN,
-            description=f"{count} quarantined" + ("" if not count else "; backfill their partitions after fixing the cause"),
+            description=f"{count} quarantined"
+            + ("" if not count else "; backfill their partitions after fixing the cause"),
             metadata={
                 "quarantined": dg.MetadataValue.int(count),
                 "sample": dg.MetadataValue.md("| id | last error |\n|---|---|\n" + table if sample else "_none_"),
@@ -77,18 +78,21 @@ def _search_index_in_sync(policy: Policy) -> dg.AssetChecksDefinition:
     def search_index_in_sync(fact_store: FactStoreResource, search: SearchResource) -> dg.AssetCheckResult:
         index = search.index
         if index is None:
-            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
-                                       description="search is off: set ELASTICSEARCH_URL")
+            return dg.AssetCheckResult(
+                passed=False, severity=dg.AssetCheckSeverity.ERROR, description="search is off: set ELASTICSEARCH_URL"
+            )
         store = fact_store.store
         try:
             report = reconcile(store, index, policy)
         except (ApiError, TransportError) as error:
             backlog = sum(store.index_backlog_counts().values())
             return dg.AssetCheckResult(
-                passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                passed=False,
+                severity=dg.AssetCheckSeverity.ERROR,
                 description=f"search unavailable ({type(error).__name__}): {backlog:,} documents wait in the "
                 "outbox; the next run drains them once it answers",
-                metadata={"outbox_backlog": dg.MetadataValue.int(backlog)})
+                metadata={"outbox_backlog": dg.MetadataValue.int(backlog)},
+            )
         behind = store.index_behind([*report.missing, *report.stale])
         # A document ahead of the store is divergent whatever the outbox holds: writes to it are refused.
         divergent = [k for k in [*report.missing, *report.stale] if k not in behind] + report.ahead
@@ -98,15 +102,18 @@ def _search_index_in_sync(policy: Policy) -> dg.AssetChecksDefinition:
         return dg.AssetCheckResult(
             passed=passed,
             severity=dg.AssetCheckSeverity.ERROR,
-            description="in sync" if passed else
-            f"{len(divergent)} sampled documents disagree, {len(report.extra)} extra, "
+            description="in sync"
+            if passed
+            else f"{len(divergent)} sampled documents disagree, {len(report.extra)} extra, "
             f"count gaps {count_gaps}: run `enrichment reconcile --repair`",
             metadata={
                 "checked": dg.MetadataValue.int(report.checked),
                 "divergent": dg.MetadataValue.int(len(divergent)),
                 "extra": dg.MetadataValue.int(len(report.extra)),
                 "outbox_backlog": dg.MetadataValue.int(sum(backlog.values())),
-                "counts": dg.MetadataValue.json({t: {"fact_store": s, "index": i} for t, (s, i) in report.counts.items()}),
+                "counts": dg.MetadataValue.json(
+                    {t: {"fact_store": s, "index": i} for t, (s, i) in report.counts.items()}
+                ),
             },
         )
 

@@ -57,9 +57,13 @@ budget ({budget}); the `staleness_budget` check holds each entity to that budget
 def source(policy: Policy, name: str) -> str:
     spec = policy.sources[name]
     owned = len([t for t in policy.entity_types.values() if t.source == name])
-    return (f"The {name} API: {owned} entity type(s), at most {spec.requests_per_second:g} requests/s and "
-            f"{spec.max_concurrency} at once, for all runs together.")
+    return (
+        f"The {name} API: {owned} entity type(s), at most {spec.requests_per_second:g} requests/s and "
+        f"{spec.max_concurrency} at once, for all runs together."
+    )
 
 
-SEARCH_INDEX = ("The Elasticsearch index (behind its alias) that search and the read API answer from. "
-                "Written by every branch's index_updates; its check compares it with the fact store.")
+SEARCH_INDEX = (
+    "The Elasticsearch index (behind its alias) that search and the read API answer from. "
+    "Written by every branch's index_updates; its check compares it with the fact store."
+)

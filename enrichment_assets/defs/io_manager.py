@@ -64,9 +64,11 @@ class RunScopedIOManager(dg.ConfigurableIOManagerFactory["RunScopedPickleIOManag
     """
 
     base_path: str | None = pydantic.Field(
-        default=None, description=f"Local path or fsspec URL; unset: ${BASE_PATH_ENV}, else $DAGSTER_HOME/storage/runs.")
+        default=None, description=f"Local path or fsspec URL; unset: ${BASE_PATH_ENV}, else $DAGSTER_HOME/storage/runs."
+    )
     retention_days: float = pydantic.Field(
-        default=7.0, gt=0, description="Run directories last written longer ago are removed.")
+        default=7.0, gt=0, description="Run directories last written longer ago are removed."
+    )
 
     def create_io_manager(self, context: dg.InitResourceContext) -> RunScopedPickleIOManager:
         return RunScopedPickleIOManager(self.resolve_base_path(context.instance), retention_days=self.retention_days)
@@ -77,7 +79,8 @@ class RunScopedIOManager(dg.ConfigurableIOManagerFactory["RunScopedPickleIOManag
             return UPath(configured)
         if instance is None:
             raise dg.DagsterInvariantViolationError(
-                f"RunScopedIOManager needs base_path, ${BASE_PATH_ENV} or a Dagster instance to store outputs under")
+                f"RunScopedIOManager needs base_path, ${BASE_PATH_ENV} or a Dagster instance to store outputs under"
+            )
         return UPath(instance.storage_directory()) / "runs"
 
 
@@ -118,7 +121,8 @@ class RunScopedPickleIOManager(dg.UPathIOManager):
             raise dg.DagsterInvariantViolationError(
                 f"{context.asset_key.to_user_string()} of run {run_id} is not stored under "
                 f"{self.base_path / run_id}: it was removed after {self.retention_days:g} days, or that step "
-                "never finished; re-execute the whole run instead") from missing
+                "never finished; re-execute the whole run instead"
+            ) from missing
 
     def _prune(self, *, keep: str) -> None:
         cutoff = time.time() - self.retention_days * 86_400
@@ -139,7 +143,8 @@ def _producing_run(context: dg.InputContext | dg.OutputContext) -> str:
     if upstream.run_id == _NO_RUN:
         raise dg.DagsterInvariantViolationError(
             f"{context.asset_key.to_user_string()} was not computed in this run: RunScopedIOManager hands "
-            "outputs only between the steps of one run and its re-executions; materialize both in one run")
+            "outputs only between the steps of one run and its re-executions; materialize both in one run"
+        )
     return upstream.run_id
 
 
@@ -156,7 +161,7 @@ def _last_written(root: UPath) -> dict[str, float]:
         # An object store has no directories, only key prefixes without a time: a run directory was
         # last written when its newest object was. One listing of the whole base path finds them all.
         for name, info in fs.find(top, detail=True).items():
-            run_id, written_at = name[len(top):].lstrip("/").split("/", 1)[0], _written_at(info)
+            run_id, written_at = name[len(top) :].lstrip("/").split("/", 1)[0], _written_at(info)
             if run_id in runs and written_at is not None:
                 runs[run_id] = max(runs[run_id] or written_at, written_at)
     return {run_id: written_at for run_id, written_at in runs.items() if written_at is not None}

@@ -71,8 +71,9 @@ class SearchResource(dg.ConfigurableResource):
             except TransportError as error:
                 # A search outage must not stop enrichment: documents wait in the outbox, the index
                 # step says so, and the next run drains them.
-                (context.log or log).warning("search unavailable at run start (%s); documents stay in the outbox",
-                                    type(error).__name__)
+                (context.log or log).warning(
+                    "search unavailable at run start (%s); documents stay in the outbox", type(error).__name__
+                )
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._index is not None:

@@ -31,15 +31,15 @@ from rich.table import Table
 from enrichment_assets.api import create_app
 from enrichment_assets.api.server import BackgroundServer
 from enrichment_assets.console import console, humanize_seconds, status_table
-from enrichment_assets.dev.devservers import LocalElasticsearch, LocalPostgres, free_port
-from enrichment_assets.factstore import FactStore
-from enrichment_assets.dev.local_dagster import LOCATION, LocalDagster
-from enrichment_assets.policy import Policy, load_policy
-from enrichment_assets.search import SearchIndex
 from enrichment_assets.defs.sensors import IN_FLIGHT
-from enrichment_assets.settings import SHIPPED_POLICY, Settings
+from enrichment_assets.dev.devservers import LocalElasticsearch, LocalPostgres, free_port
+from enrichment_assets.dev.local_dagster import LOCATION, LocalDagster
 from enrichment_assets.dev.simulator.events import thin_events
 from enrichment_assets.dev.simulator.server import simulator_server
+from enrichment_assets.factstore import FactStore
+from enrichment_assets.policy import Policy, load_policy
+from enrichment_assets.search import SearchIndex
+from enrichment_assets.settings import SHIPPED_POLICY, Settings
 
 SCALE = 0.1
 STATE_DIR = Path(".enrichment")
@@ -70,9 +70,11 @@ def run_demo(settings: Settings) -> None:
         stack.callback(index.close)
         api = stack.enter_context(BackgroundServer(create_app(store, settings, index)))
         graph = simulator.simulator.graph.snapshot()
-        out.print(f"fact store: [bold]{store.dialect}[/bold]; sources: simulator on {simulator.url} "
-                  f"({sum(graph.counts().values()):,} entities, {len(policy.sources)} systems); search on {search_url}; "
-                  f"API on {api.url}")
+        out.print(
+            f"fact store: [bold]{store.dialect}[/bold]; sources: simulator on {simulator.url} "
+            f"({sum(graph.counts().values()):,} entities, {len(policy.sources)} systems); search on {search_url}; "
+            f"API on {api.url}"
+        )
         dagster = stack.enter_context(_dagster(settings, simulator.environ()))
         events = list(thin_events(graph))
         ingested_at = _ingest(api.url, settings, events)
@@ -152,8 +154,9 @@ def _dagster(settings: Settings, sources_env: dict[str, str]) -> Iterator[LocalD
     dagster = LocalDagster(home, env, port=port)
     with _step(f"starting Dagster (webserver + daemon, DAGSTER_HOME={home})"):
         dagster.start()
-    console().print(f"Dagster UI: [bold]{dagster.url}[/bold]"
-                    + ("" if port == UI_PORT else f" (port {UI_PORT} was taken)"))
+    console().print(
+        f"Dagster UI: [bold]{dagster.url}[/bold]" + ("" if port == UI_PORT else f" (port {UI_PORT} was taken)")
+    )
     try:
         yield dagster
     finally:
@@ -163,8 +166,9 @@ def _dagster(settings: Settings, sources_env: dict[str, str]) -> Iterator[LocalD
 
 @contextmanager
 def _step(description: str) -> Iterator[None]:
-    with Progress(SpinnerColumn(), TextColumn(description), TimeElapsedColumn(), console=console(),
-                  transient=True) as progress:
+    with Progress(
+        SpinnerColumn(), TextColumn(description), TimeElapsedColumn(), console=console(), transient=True
+    ) as progress:
         progress.add_task(description, total=None)
         yield
     console().print(f"[dim]{description}: done[/dim]")
@@ -192,24 +196,35 @@ def _ingest(api_url: str, settings: Settings, events: list[dict[str, str]]) -> f
         bad = body + '\n{"entity_type": "nope", "entity_id": "x", "event_type": "created"}'
         rejected = client.post("/v1/events", content=bad)
         problem = rejected.json()["problems"][0]
-        out.print(f"POST /v1/events, {len(events) + 1:,} events with one bad line -> [red]{rejected.status_code}[/red] "
-                  f"(line {problem['line']}: {problem['message'][:60]}...); nothing written")
+        out.print(
+            f"POST /v1/events, {len(events) + 1:,} events with one bad line -> [red]{rejected.status_code}[/red] "
+            f"(line {problem['line']}: {problem['message'][:60]}...); nothing written"
+        )
         started = time.time()
         accepted = client.post("/v1/events", content=body)
         accepted.raise_for_status()
-        out.print(f"POST /v1/events, {len(events):,} thin events -> [green]{accepted.status_code}[/green] in "
-                  f"{(time.time() - started) * 1000:.0f} ms; no source was called. The sensor takes it from here.")
+        out.print(
+            f"POST /v1/events, {len(events):,} thin events -> [green]{accepted.status_code}[/green] in "
+            f"{(time.time() - started) * 1000:.0f} ms; no source was called. The sensor takes it from here."
+        )
     return started
 
 
-def _wait(store: FactStore, index: SearchIndex, dagster: LocalDagster, *, total: int,
-          ingested_at: float) -> list[float]:
+def _wait(
+    store: FactStore, index: SearchIndex, dagster: LocalDagster, *, total: int, ingested_at: float
+) -> list[float]:
     """Watch the sensor's runs settle every entity; returns each entity's seconds from ingest to a
     searchable enriched document (polled once a second, so to within about a second)."""
     searchable: dict[str, float] = {}
     deadline = time.monotonic() + WAIT_LIMIT_SECONDS
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("searchable"),
-                  TimeElapsedColumn(), console=console()) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("searchable"),
+        TimeElapsedColumn(),
+        console=console(),
+    ) as progress:
         task = progress.add_task("Dagster runs enriching", total=total)
         while True:
             now = time.time()
@@ -218,13 +233,18 @@ def _wait(store: FactStore, index: SearchIndex, dagster: LocalDagster, *, total:
                 searchable.setdefault(doc_id, now - ingested_at)
             runs = _runs(dagster, ingested_at)
             in_flight = sum(1 for r in runs if r["status"] in {s.value for s in IN_FLIGHT})
-            progress.update(task, completed=min(len(searchable), total),
-                            description=f"Dagster runs enriching ({len(runs)} runs, {in_flight} in flight)")
+            progress.update(
+                task,
+                completed=min(len(searchable), total),
+                description=f"Dagster runs enriching ({len(runs)} runs, {in_flight} in flight)",
+            )
             if _settled(store) >= total and not in_flight and not store.index_backlog(limit=1):
                 break
             if time.monotonic() > deadline:
-                console().print(f"[yellow]still not settled after {WAIT_LIMIT_SECONDS}s; showing what there is. "
-                                f"Look at the runs in the Dagster UI ({dagster.url}/runs).[/yellow]")
+                console().print(
+                    f"[yellow]still not settled after {WAIT_LIMIT_SECONDS}s; showing what there is. "
+                    f"Look at the runs in the Dagster UI ({dagster.url}/runs).[/yellow]"
+                )
                 break
             time.sleep(1)
     return sorted(searchable.values())
@@ -233,10 +253,14 @@ def _wait(store: FactStore, index: SearchIndex, dagster: LocalDagster, *, total:
 def _enriched_documents(index: SearchIndex, since: float) -> list[str]:
     """Documents enriched since ``since`` (epoch seconds): a second demo finds the first one's documents
     in the index, and they must not count as this ingest's."""
-    query = {"bool": {"filter": [
-        {"term": {"state": "fully_enriched"}},
-        {"range": {"last_enriched_at": {"gte": datetime.fromtimestamp(since, UTC).isoformat()}}},
-    ]}}
+    query = {
+        "bool": {
+            "filter": [
+                {"term": {"state": "fully_enriched"}},
+                {"range": {"last_enriched_at": {"gte": datetime.fromtimestamp(since, UTC).isoformat()}}},
+            ]
+        }
+    }
     answer = index.client.search(index=index.alias, query=query, size=10_000, source=False)
     return [hit["_id"] for hit in answer["hits"]["hits"]]
 
@@ -249,8 +273,10 @@ def _settled(store: FactStore) -> int:
 
 def _runs(dagster: LocalDagster, since: float) -> list[dict[str, str]]:
     """This demo's runs: the instance keeps the history of earlier demos too."""
-    query = ("query Runs($since: Float!) { runsOrError(filter: {createdAfter: $since}, limit: 500) "
-             "{ ... on Runs { results { runId status jobName } } } }")
+    query = (
+        "query Runs($since: Float!) { runsOrError(filter: {createdAfter: $since}, limit: 500) "
+        "{ ... on Runs { results { runId status jobName } } } }"
+    )
     return dagster.graphql(query, {"since": since})["runsOrError"]["results"]
 
 
@@ -260,7 +286,10 @@ def _summary(store: FactStore, policy: Policy, stats: dict, dagster: LocalDagste
     by_status: dict[str, int] = {}
     for run in runs:
         by_status[run["status"]] = by_status.get(run["status"], 0) + 1
-    out.print(f"Dagster ran {len(runs)} runs: " + ", ".join(f"{n} {status.lower()}" for status, n in sorted(by_status.items())))
+    out.print(
+        f"Dagster ran {len(runs)} runs: "
+        + ", ".join(f"{n} {status.lower()}" for status, n in sorted(by_status.items()))
+    )
     now = store.now()
     out.print(status_table(store.status(), now))
 
@@ -287,9 +316,10 @@ def _summary(store: FactStore, policy: Policy, stats: dict, dagster: LocalDagste
         out.print(f"\n[bold]{root_type} {sample}[/bold] (last enriched {staleness} ago)")
         for edge in store.edges_of(root_type, sample):
             hops = " -> ".join(f"{t} {i}" for t, i in edge["path"][1:-1])
-            out.print(f"  --{edge['relation']}--> {edge['dst_type']} {edge['dst_id']}   "
-                      f"[dim]{'via ' + hops if hops else 'directly'}[/dim]")
-
+            out.print(
+                f"  --{edge['relation']}--> {edge['dst_type']} {edge['dst_id']}   "
+                f"[dim]{'via ' + hops if hops else 'directly'}[/dim]"
+            )
 
 
 def _reads(api_url: str, settings: Settings, policy: Policy) -> None:
@@ -299,15 +329,19 @@ def _reads(api_url: str, settings: Settings, policy: Policy) -> None:
     headers = {"authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
     with httpx.Client(base_url=api_url, timeout=30, headers=headers) as client:
         [hit] = client.get("/v1/search", params={"q": "", "type": root_type, "size": 1}).json()["hits"]
-        out.print(f"\nGET /v1/search?type={root_type} -> {hit['entity_id']} \"{hit['name']}\" "
-                  f"state={hit['state']} staleness={hit['staleness_seconds']:.1f}s")
+        out.print(
+            f'\nGET /v1/search?type={root_type} -> {hit["entity_id"]} "{hit["name"]}" '
+            f"state={hit['state']} staleness={hit['staleness_seconds']:.1f}s"
+        )
         started = time.perf_counter()
         answer = client.get(f"/v1/entities/{root_type}/{hit['entity_id']}/edges").json()
         elapsed = (time.perf_counter() - started) * 1000
         relations = sorted({e["relation"] for e in answer["edges"]})
-        out.print(f"GET /v1/entities/{root_type}/{hit['entity_id']}/edges -> {len(answer['edges'])} edges "
-                  f"({', '.join(relations)}) in {elapsed:.1f} ms, staleness={answer['staleness_seconds']:.1f}s, "
-                  f"partial={answer['partial']}")
+        out.print(
+            f"GET /v1/entities/{root_type}/{hit['entity_id']}/edges -> {len(answer['edges'])} edges "
+            f"({', '.join(relations)}) in {elapsed:.1f} ms, staleness={answer['staleness_seconds']:.1f}s, "
+            f"partial={answer['partial']}"
+        )
 
 
 def _latency(searchable: list[float]) -> None:
@@ -315,9 +349,11 @@ def _latency(searchable: list[float]) -> None:
         return
     p50 = searchable[len(searchable) // 2]
     p95 = searchable[max(int(len(searchable) * 0.95) - 1, 0)]
-    console().print(f"ingest -> searchable and enriched: p50 {p50:.0f} s, p95 {p95:.0f} s, max {searchable[-1]:.0f} s "
-                    f"over {len(searchable):,} entities (sensor every {SENSOR_INTERVAL_SECONDS} s; "
-                    "each run pays Dagster's few seconds of launch)")
+    console().print(
+        f"ingest -> searchable and enriched: p50 {p50:.0f} s, p95 {p95:.0f} s, max {searchable[-1]:.0f} s "
+        f"over {len(searchable):,} entities (sensor every {SENSOR_INTERVAL_SECONDS} s; "
+        "each run pays Dagster's few seconds of launch)"
+    )
 
 
 def _showcase_type(policy: Policy) -> str:
@@ -328,9 +364,11 @@ def _showcase_type(policy: Policy) -> str:
 def _linger(dagster: LocalDagster, group: str) -> None:
     out = console()
     lineage = f"{dagster.url}/locations/{LOCATION}/asset-groups/{group}"
-    out.print(f"\nDagster UI: [bold]{dagster.url}[/bold]  lineage of one branch: {lineage}\n"
-              "Next: `.venv/bin/enrichment status`, `.venv/bin/enrichment search <words>`, a backfill from the UI "
-              "(it recomputes the partitions you pick).")
+    out.print(
+        f"\nDagster UI: [bold]{dagster.url}[/bold]  lineage of one branch: {lineage}\n"
+        "Next: `.venv/bin/enrichment status`, `.venv/bin/enrichment search <words>`, a backfill from the UI "
+        "(it recomputes the partitions you pick)."
+    )
     if os.environ.get("DEMO_EXIT"):
         return
     out.print("[bold]The UI stays up until Ctrl-C[/bold] (DEMO_EXIT=1 make demo exits here instead).")

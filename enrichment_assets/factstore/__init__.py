@@ -3,8 +3,8 @@
 from enrichment_assets.factstore.models import (
     Claim,
     DerivedEdge,
-    EdgeChange,
     DueWork,
+    EdgeChange,
     EntityKey,
     EntityRecord,
     FinishResult,

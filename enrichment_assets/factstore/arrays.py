@@ -33,8 +33,9 @@ def column(batch: sa.TableValuedAlias, name: str, type_: sa.types.TypeEngine[Any
     return sa.cast(batch.c[name], postgresql.JSONB) if _is_json(type_) else batch.c[name]
 
 
-def parameters(columns: Mapping[str, sa.types.TypeEngine[Any]],
-               rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+def parameters(
+    columns: Mapping[str, sa.types.TypeEngine[Any]], rows: Sequence[Mapping[str, Any]]
+) -> dict[str, list[Any]]:
     """The bind parameters of ``unnested`` for ``rows``: one list per column."""
     return {
         n: [json.dumps(r[n]) if r[n] is not None else None for r in rows] if _is_json(t) else [r[n] for r in rows]
@@ -56,8 +57,9 @@ def _item_type(type_: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:
     return sa.DateTime(timezone=True) if isinstance(type_, sa.TypeDecorator) else type_
 
 
-def key_filters(conn: sa.Connection, columns: Sequence[sa.ColumnElement[Any]],
-                keys: Sequence[Sequence[str]]) -> Iterator[sa.ColumnElement[bool]]:
+def key_filters(
+    conn: sa.Connection, columns: Sequence[sa.ColumnElement[Any]], keys: Sequence[Sequence[str]]
+) -> Iterator[sa.ColumnElement[bool]]:
     """Conditions that ``columns`` (text) equal one of ``keys``, one per statement to run.
 
     PostgreSQL: ``(columns) IN (SELECT * FROM unnest(arrays))`` per page, a statement compiled once
@@ -69,7 +71,9 @@ def key_filters(conn: sa.Connection, columns: Sequence[sa.ColumnElement[Any]],
             yield sa.tuple_(*columns).in_(keys[start : start + _IN_CHUNK])
         return
     for page in pages(keys):
-        bound = [sa.cast(sa.bindparam(f"key_{i}", value=[k[i] for k in page]), postgresql.ARRAY(sa.Text()))
-                 for i in range(len(columns))]
+        bound = [
+            sa.cast(sa.bindparam(f"key_{i}", value=[k[i] for k in page]), postgresql.ARRAY(sa.Text()))
+            for i in range(len(columns))
+        ]
         batch = sa.func.unnest(*bound).table_valued(*[f"k{i}" for i in range(len(columns))]).render_derived(name="keys")
         yield sa.tuple_(*columns).in_(sa.select(*batch.c))

@@ -60,9 +60,16 @@ _B, _S = source_budgets.c, source_slots.c
 
 _FREE = (
     sa.select(_S.source, _S.slot)
-    .where(_S.source == _SOURCE, _S.slot < _LIMIT, _S.expires_at <= _NOW,
-           sa.or_(_S.holder.is_(None), _S.holder != _HOLDER,
-                  _S.expires_at <= _NOW - sa.bindparam("cooldown", type_=sa.Interval())))
+    .where(
+        _S.source == _SOURCE,
+        _S.slot < _LIMIT,
+        _S.expires_at <= _NOW,
+        sa.or_(
+            _S.holder.is_(None),
+            _S.holder != _HOLDER,
+            _S.expires_at <= _NOW - sa.bindparam("cooldown", type_=sa.Interval()),
+        ),
+    )
     .order_by(_S.slot)
     .limit(_COUNT)
     .with_for_update(skip_locked=True)
@@ -85,27 +92,31 @@ _WANTED_BY_OTHER = sa.func.coalesce(sa.and_(_B.slots_wanted_until > _NOW, _B.slo
 _BOOK = (
     sa.update(source_budgets)
     .where(_B.source == _SOURCE)
-    .values(booked_until=sa.func.greatest(_B.booked_until, _NOW) + sa.bindparam("span", type_=sa.Interval()),
-            rate=sa.bindparam("per_second"), updated_at=_NOW)
-    .returning(sa.cast(sa.extract("epoch", _B.booked_until), sa.Float),
-               sa.cast(sa.extract("epoch", _B.updated_at), sa.Float), _OTHERS, _WANTED_BY_OTHER)
+    .values(
+        booked_until=sa.func.greatest(_B.booked_until, _NOW) + sa.bindparam("span", type_=sa.Interval()),
+        rate=sa.bindparam("per_second"),
+        updated_at=_NOW,
+    )
+    .returning(
+        sa.cast(sa.extract("epoch", _B.booked_until), sa.Float),
+        sa.cast(sa.extract("epoch", _B.updated_at), sa.Float),
+        _OTHERS,
+        _WANTED_BY_OTHER,
+    )
 )
 _TAKEN_COUNT = sa.select(sa.func.count()).select_from(_TAKEN).scalar_subquery()
 # In the same statement: if the caller got fewer slots than it asked for and holds less than its fair
 # share (limit / holders, rounded up), tell the holders that slots are wanted.
 _WANTED = (
     sa.update(source_budgets)
-    .where(_B.source == _SOURCE, _TAKEN_COUNT < _COUNT,
-           (sa.bindparam("held") + _TAKEN_COUNT) * (_OTHERS + 1) < _LIMIT)
+    .where(_B.source == _SOURCE, _TAKEN_COUNT < _COUNT, (sa.bindparam("held") + _TAKEN_COUNT) * (_OTHERS + 1) < _LIMIT)
     .values(slots_wanted_until=_NOW + sa.bindparam("wanted_for", type_=sa.Interval()), slots_wanted_by=_HOLDER)
     .returning(_B.source)
     .cte("wanted")
 )
 _TAKE = sa.select(_OTHERS, sa.func.array_agg(_TAKEN.c.slot)).add_cte(_WANTED)
 _HELD = (_S.source == _SOURCE, _S.slot.in_(_SLOTS), _S.holder == _HOLDER)
-_RENEW = (
-    sa.update(source_slots).where(*_HELD, _S.expires_at > _NOW).values(expires_at=_NOW + _LEASE).returning(_S.slot)
-)
+_RENEW = sa.update(source_slots).where(*_HELD, _S.expires_at > _NOW).values(expires_at=_NOW + _LEASE).returning(_S.slot)
 _GIVE_BACK = sa.update(source_slots).where(*_HELD).values(holder=None, expires_at=_NOW)
 _GIVE_BACK_KEEPING_OUT = sa.update(source_slots).where(*_HELD).values(expires_at=_NOW)
 
@@ -158,7 +169,8 @@ class SourceBudgets:
     def ensure(self, source: str, *, slots: int, per_second: float) -> None:
         """Create the source's budget row and slots ``0 .. slots-1`` if they do not exist yet."""
         budget = postgresql.insert(source_budgets).values(
-            source=source, booked_until=_NOW, rate=per_second, updated_at=_NOW)
+            source=source, booked_until=_NOW, rate=per_second, updated_at=_NOW
+        )
         rows = [{"source": source, "slot": slot, "holder": None, "expires_at": _NOW} for slot in range(slots)]
 
         def work(conn: sa.Connection) -> None:
@@ -177,18 +189,40 @@ class SourceBudgets:
             raise LookupError(f"no budget row for source {source!r}: call ensure() first")
         ends_at, at, others, wanted = row
         seconds = span.total_seconds()
-        return Booking(begins_at=ends_at - seconds, seconds=seconds, count=count, at=at,
-                       slots=SlotDemand(other_holders=others, wanted_by_other=wanted))
+        return Booking(
+            begins_at=ends_at - seconds,
+            seconds=seconds,
+            count=count,
+            at=at,
+            slots=SlotDemand(other_holders=others, wanted_by_other=wanted),
+        )
 
-    def take_slots(self, source: str, *, holder: str, held: int, limit: int, count: int, lease: float,
-                   cooldown: float, wanted_for: float) -> Taken:
+    def take_slots(
+        self,
+        source: str,
+        *,
+        holder: str,
+        held: int,
+        limit: int,
+        count: int,
+        lease: float,
+        cooldown: float,
+        wanted_for: float,
+    ) -> Taken:
         """Lease up to ``count`` free slots below ``limit`` to ``holder``, which holds ``held`` already,
         for ``lease`` seconds. Slots this holder handed back with ``keep_out`` in the last ``cooldown``
         seconds are not free to it. Short of ``count`` and of its fair share, holders are told for
         ``wanted_for`` seconds that slots are wanted."""
-        params = {"for_source": source, "for_holder": holder, "held": held, "limit": limit, "count": count,
-                  "lease": timedelta(seconds=lease), "cooldown": timedelta(seconds=cooldown),
-                  "wanted_for": timedelta(seconds=wanted_for)}
+        params = {
+            "for_source": source,
+            "for_holder": holder,
+            "held": held,
+            "limit": limit,
+            "count": count,
+            "lease": timedelta(seconds=lease),
+            "cooldown": timedelta(seconds=cooldown),
+            "wanted_for": timedelta(seconds=wanted_for),
+        }
         others, slots = self._run(lambda conn: conn.execute(_TAKE, params).one())
         return Taken(slots=sorted(slots or ()), other_holders=others)
 
@@ -197,16 +231,20 @@ class SourceBudgets:
         had already run out is lost: another process may have taken the slot)."""
         if not slots:
             return []
-        return sorted(self._scalars(_RENEW, for_source=source, for_holder=holder, for_slots=list(slots),
-                                    lease=timedelta(seconds=lease)))
+        return sorted(
+            self._scalars(
+                _RENEW, for_source=source, for_holder=holder, for_slots=list(slots), lease=timedelta(seconds=lease)
+            )
+        )
 
     def give_back(self, source: str, *, holder: str, slots: Sequence[int], keep_out: bool = False) -> None:
         """End ``holder``'s leases on ``slots``. ``keep_out``: keep the holder's name on them, so its
         own ``take_slots`` passes them over for the cooldown and another process can take them first."""
         if slots:
             stmt = _GIVE_BACK_KEEPING_OUT if keep_out else _GIVE_BACK
-            self._run(lambda conn: conn.execute(stmt, {"for_source": source, "for_holder": holder,
-                                                       "for_slots": list(slots)}))
+            self._run(
+                lambda conn: conn.execute(stmt, {"for_source": source, "for_holder": holder, "for_slots": list(slots)})
+            )
 
     def _scalars(self, stmt: sa.Executable, **params: Any) -> list[Any]:
         return self._run(lambda conn: list(conn.execute(stmt, params).scalars()))

@@ -31,19 +31,22 @@ def window_expr(dialect: str, granularity: Granularity) -> sa.ColumnElement[Any]
     return sa.func.strftime(_SQLITE_TRUNC[granularity], entities.c.first_seen_at).label("window_start")
 
 
-def due_work(conn: sa.Connection, now: datetime, *, granularity: Granularity,
-             refresh_intervals: dict[str, timedelta]) -> list[DueWork]:
+def due_work(
+    conn: sa.Connection, now: datetime, *, granularity: Granularity, refresh_intervals: dict[str, timedelta]
+) -> list[DueWork]:
     window = window_expr(conn.dialect.name, granularity)
     free = sa.or_(entities.c.claim_owner.is_(None), entities.c.claim_expires_at <= now)
     conditions = [sa.and_(entities.c.state.in_(PENDING_STATES), entities.c.next_attempt_at <= now, free)]
     for etype, interval in refresh_intervals.items():
-        conditions.append(sa.and_(
-            entities.c.entity_type == etype,
-            entities.c.state == EntityState.FULLY_ENRICHED.value,
-            entities.c.last_enriched_at < now - interval,
-            sa.or_(entities.c.next_attempt_at.is_(None), entities.c.next_attempt_at <= now),
-            free,
-        ))
+        conditions.append(
+            sa.and_(
+                entities.c.entity_type == etype,
+                entities.c.state == EntityState.FULLY_ENRICHED.value,
+                entities.c.last_enriched_at < now - interval,
+                sa.or_(entities.c.next_attempt_at.is_(None), entities.c.next_attempt_at <= now),
+                free,
+            )
+        )
     due_at = sa.func.coalesce(entities.c.next_attempt_at, entities.c.last_enriched_at)
     totals: Counter[tuple[str, datetime]] = Counter()
     oldest: dict[tuple[str, datetime], datetime] = {}
@@ -71,18 +74,24 @@ def _live(entity_type: str, window: tuple[datetime, datetime] | None) -> list[sa
     return where
 
 
-def ages(conn: sa.Connection, now: datetime, entity_type: str,
-         window: tuple[datetime, datetime] | None) -> list[float]:
+def ages(conn: sa.Connection, now: datetime, entity_type: str, window: tuple[datetime, datetime] | None) -> list[float]:
     stmt = sa.select(entities.c.first_seen_at, entities.c.last_enriched_at).where(*_live(entity_type, window))
     return sorted(max((now - as_utc(enriched or seen)).total_seconds(), 0.0) for seen, enriched in conn.execute(stmt))
 
 
-def staleness(conn: sa.Connection, now: datetime, entity_type: str, window: tuple[datetime, datetime] | None,
-              *, budget: timedelta | None) -> Staleness:
+def staleness(
+    conn: sa.Connection,
+    now: datetime,
+    entity_type: str,
+    window: tuple[datetime, datetime] | None,
+    *,
+    budget: timedelta | None,
+) -> Staleness:
     if conn.dialect.name != "postgresql":
         return Staleness.of(ages(conn, now, entity_type, window), budget)
-    age = sa.func.extract("epoch", sa.literal(now, UTCDateTime) - sa.func.coalesce(
-        entities.c.last_enriched_at, entities.c.first_seen_at))
+    age = sa.func.extract(
+        "epoch", sa.literal(now, UTCDateTime) - sa.func.coalesce(entities.c.last_enriched_at, entities.c.first_seen_at)
+    )
     over = sa.func.count().filter(age > budget.total_seconds()) if budget is not None else sa.literal(0)
     stmt = sa.select(
         sa.func.count(),
@@ -107,8 +116,9 @@ def quarantined(conn: sa.Connection, entity_type: str, *, limit: int) -> tuple[i
 def status(conn: sa.Connection) -> list[TypeStatus]:
     counts: dict[str, dict[str, int]] = {}
     for etype, state, count in conn.execute(
-        sa.select(entities.c.entity_type, entities.c.state, sa.func.count())
-        .group_by(entities.c.entity_type, entities.c.state)
+        sa.select(entities.c.entity_type, entities.c.state, sa.func.count()).group_by(
+            entities.c.entity_type, entities.c.state
+        )
     ):
         counts.setdefault(etype, {})[state] = count
     report = []

@@ -50,8 +50,12 @@ def create_read_engine(engine: sa.Engine, *, on_connect: Callable[[Any, Any], No
     once per new connection (the store prepares its hot statements there).
     """
     reader = sa.create_engine(
-        engine.url, isolation_level="AUTOCOMMIT", pool_pre_ping=False, pool_reset_on_return=None,
-        pool_size=8, max_overflow=8,
+        engine.url,
+        isolation_level="AUTOCOMMIT",
+        pool_pre_ping=False,
+        pool_reset_on_return=None,
+        pool_size=8,
+        max_overflow=8,
     )
     if on_connect is not None:
         sa.event.listen(reader, "connect", on_connect)

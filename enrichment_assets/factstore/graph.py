@@ -71,38 +71,57 @@ def record_hydrations(
         return []
     before = stored_attributes(conn, [(t, i) for t, i, _ in rows])
     _upsert(
-        conn, entities,
-        [{"entity_type": t, "entity_id": i, "attributes": attrs, "state": EntityState.UNCACHED.value,
-          "version": 1, "first_seen_at": now, "updated_at": now, "hydrated_at": now, "attempts": 0,
-          "next_attempt_at": now}
-         for t, i, attrs in rows],
+        conn,
+        entities,
+        [
+            {
+                "entity_type": t,
+                "entity_id": i,
+                "attributes": attrs,
+                "state": EntityState.UNCACHED.value,
+                "version": 1,
+                "first_seen_at": now,
+                "updated_at": now,
+                "hydrated_at": now,
+                "attempts": 0,
+                "next_attempt_at": now,
+            }
+            for t, i, attrs in rows
+        ],
         conflict=["entity_type", "entity_id"],
         updates=lambda new: {
-            "attributes": new.attributes, "hydrated_at": now, "updated_at": now,
+            "attributes": new.attributes,
+            "hydrated_at": now,
+            "updated_at": now,
             # The document shows the attributes; the claim version stays put (see above).
-            "doc_version": sa.case((entities.c.attributes == new.attributes, entities.c.doc_version),
-                                   else_=entities.c.doc_version + 1),
+            "doc_version": sa.case(
+                (entities.c.attributes == new.attributes, entities.c.doc_version), else_=entities.c.doc_version + 1
+            ),
         },
     )
     return [(t, i) for t, i, attrs in rows if before.get((t, i)) not in (None, attrs)]
 
 
-def fresh_attributes(conn: sa.Connection, entity_type: str, ids: Sequence[str], *, ttl: timedelta,
-                     now: datetime) -> dict[str, dict[str, Any]]:
+def fresh_attributes(
+    conn: sa.Connection, entity_type: str, ids: Sequence[str], *, ttl: timedelta, now: datetime
+) -> dict[str, dict[str, Any]]:
     """Stored attributes worth reusing instead of calling the source: hydrated within ``ttl`` and not
     changed by an event since."""
     found: dict[str, dict[str, Any]] = {}
     for chunk in _chunks(ids):
-        found.update(tuple(row) for row in conn.execute(  # type: ignore[misc]
-            sa.select(entities.c.entity_id, entities.c.attributes).where(
-                entities.c.entity_type == entity_type,
-                entities.c.entity_id.in_(chunk),
-                entities.c.attributes.is_not(None),
-                entities.c.state != EntityState.DELETED.value,
-                entities.c.hydrated_at >= now - ttl,
-                entities.c.hydrated_at >= entities.c.updated_at,
+        found.update(
+            tuple(row)
+            for row in conn.execute(  # type: ignore[misc]
+                sa.select(entities.c.entity_id, entities.c.attributes).where(
+                    entities.c.entity_type == entity_type,
+                    entities.c.entity_id.in_(chunk),
+                    entities.c.attributes.is_not(None),
+                    entities.c.state != EntityState.DELETED.value,
+                    entities.c.hydrated_at >= now - ttl,
+                    entities.c.hydrated_at >= entities.c.updated_at,
+                )
             )
-        ))
+        )
     return found
 
 
@@ -123,12 +142,17 @@ def referrers(conn: sa.Connection, field: str, to_type: str, to_ids: Sequence[st
     """Entities whose live reference ``field`` points at one of ``to_ids``."""
     found: set[EntityKey] = set()
     for chunk in _chunks(list(to_ids)):
-        found.update(tuple(row) for row in conn.execute(
-            sa.select(references.c.from_type, references.c.from_id).where(
-                references.c.to_type == to_type, references.c.to_id.in_(chunk),
-                references.c.field == field, references.c.retracted_at.is_(None),
+        found.update(
+            tuple(row)
+            for row in conn.execute(
+                sa.select(references.c.from_type, references.c.from_id).where(
+                    references.c.to_type == to_type,
+                    references.c.to_id.in_(chunk),
+                    references.c.field == field,
+                    references.c.retracted_at.is_(None),
+                )
             )
-        ))
+        )
     return found
 
 
@@ -142,8 +166,13 @@ def mark_dirty(conn: sa.Connection, keys: Sequence[EntityKey], now: datetime) ->
                 among,
                 entities.c.state.in_((EntityState.FULLY_ENRICHED.value, EntityState.PARTIALLY_RESOLVED.value)),
             )
-            .values(state=EntityState.UNCACHED.value, next_attempt_at=now, attempts=0,
-                    version=entities.c.version + 1, doc_version=entities.c.doc_version + 1)
+            .values(
+                state=EntityState.UNCACHED.value,
+                next_attempt_at=now,
+                attempts=0,
+                version=entities.c.version + 1,
+                doc_version=entities.c.doc_version + 1,
+            )
         ).rowcount
     return marked
 
@@ -156,35 +185,48 @@ def record_references(conn: sa.Connection, facts: dict[EntityKey, list[Reference
     live: dict[tuple[str, str, str, str, str], bool] = {}
     for among in arrays.key_filters(conn, (references.c.from_type, references.c.from_id), keys):
         for ft, fi, field, tt, ti, resolved in conn.execute(
-            sa.select(references.c.from_type, references.c.from_id, references.c.field,
-                      references.c.to_type, references.c.to_id, references.c.resolved)
-            .where(among, references.c.retracted_at.is_(None))
+            sa.select(
+                references.c.from_type,
+                references.c.from_id,
+                references.c.field,
+                references.c.to_type,
+                references.c.to_id,
+                references.c.resolved,
+            ).where(among, references.c.retracted_at.is_(None))
         ):
             live[(ft, fi, field, tt, ti)] = resolved
     current = {(ft, fi, f.field, f.to_type, f.to_id): f for (ft, fi), fs in facts.items() for f in fs}
     # Only what is new, revived or newly (un)resolved is written: a re-walk mostly finds it all unchanged.
     changed = {k: f for k, f in current.items() if live.get(k) is not f.resolved}
     _upsert(
-        conn, references,
-        [{"from_type": k[0], "from_id": k[1], "field": k[2], "to_type": k[3], "to_id": k[4],
-          "resolved": f.resolved, "first_seen_at": now, "resolved_at": now if f.resolved else None}
-         for k, f in changed.items()],
+        conn,
+        references,
+        [
+            {
+                "from_type": k[0],
+                "from_id": k[1],
+                "field": k[2],
+                "to_type": k[3],
+                "to_id": k[4],
+                "resolved": f.resolved,
+                "first_seen_at": now,
+                "resolved_at": now if f.resolved else None,
+            }
+            for k, f in changed.items()
+        ],
         conflict=["from_type", "from_id", "field", "to_type", "to_id"],
         updates=lambda new: {
             "resolved": new.resolved,
-            "resolved_at": sa.case((new.resolved & references.c.resolved_at.is_(None), now),
-                                   else_=references.c.resolved_at),
+            "resolved_at": sa.case(
+                (new.resolved & references.c.resolved_at.is_(None), now), else_=references.c.resolved_at
+            ),
             "retracted_at": None,
         },
     )
     gone = sorted(set(live) - set(current))
     key = (references.c.from_type, references.c.from_id, references.c.field, references.c.to_type, references.c.to_id)
     for among in arrays.key_filters(conn, key, gone):
-        conn.execute(
-            sa.update(references)
-            .where(among)
-            .values(retracted_at=now)
-        )
+        conn.execute(sa.update(references).where(among).values(retracted_at=now))
 
 
 def apply_edges(
@@ -203,9 +245,9 @@ def apply_edges(
     live: dict[EntityKey, dict[tuple[str, str, str], list[list[str]]]] = {root: {} for root in roots}
     for among in arrays.key_filters(conn, (edges.c.src_type, edges.c.src_id), roots):
         for src_type, src_id, relation, dst_type, dst_id, path in conn.execute(
-            sa.select(edges.c.src_type, edges.c.src_id, edges.c.relation, edges.c.dst_type, edges.c.dst_id,
-                      edges.c.path)
-            .where(among, edges.c.retracted_at.is_(None))
+            sa.select(
+                edges.c.src_type, edges.c.src_id, edges.c.relation, edges.c.dst_type, edges.c.dst_id, edges.c.path
+            ).where(among, edges.c.retracted_at.is_(None))
         ):
             live[(src_type, src_id)][(relation, dst_type, dst_id)] = path
     rows, changes, confirmed = [], [], 0
@@ -222,17 +264,29 @@ def apply_edges(
                     continue
             else:
                 changes.append(EdgeChange(root[0], root[1], *key, "asserted"))
-            rows.append({
-                "src_type": root[0], "src_id": root[1], "relation": edge.relation, "dst_type": edge.dst_type,
-                "dst_id": edge.dst_id, "policy": root[0], "path": path,
-                "kind": "deterministic", "confidence": 1.0, "asserted_at": now, "confirmed_at": now,
-            })
+            rows.append(
+                {
+                    "src_type": root[0],
+                    "src_id": root[1],
+                    "relation": edge.relation,
+                    "dst_type": edge.dst_type,
+                    "dst_id": edge.dst_id,
+                    "policy": root[0],
+                    "path": path,
+                    "kind": "deterministic",
+                    "confidence": 1.0,
+                    "asserted_at": now,
+                    "confirmed_at": now,
+                }
+            )
         if complete:
             for key in sorted(set(live[root]) - set(current)):
                 retract.append((root[0], root[1], *key))
                 changes.append(EdgeChange(root[0], root[1], *key, "retracted"))
     _upsert(
-        conn, edges, rows,
+        conn,
+        edges,
+        rows,
         conflict=["src_type", "src_id", "relation", "dst_type", "dst_id"],
         updates=lambda new: {
             "confirmed_at": now,
@@ -257,9 +311,9 @@ def retract_touching(conn: sa.Connection, keys: Sequence[EntityKey], now: dateti
     columns = (edges.c.src_type, edges.c.src_id, edges.c.relation, edges.c.dst_type, edges.c.dst_id)
     for end in ((edges.c.src_type, edges.c.src_id), (edges.c.dst_type, edges.c.dst_id)):
         for among in arrays.key_filters(conn, end, list(keys)):
-            found.update(tuple(row) for row in conn.execute(
-                sa.select(*columns).where(among, edges.c.retracted_at.is_(None))
-            ))
+            found.update(
+                tuple(row) for row in conn.execute(sa.select(*columns).where(among, edges.c.retracted_at.is_(None)))
+            )
     ordered = sorted(found)
     _retract(conn, ordered, now)
     return [EdgeChange(*edge, "retracted") for edge in ordered]
@@ -278,7 +332,8 @@ def replace_waits(conn: sa.Connection, waiting: dict[EntityKey, Sequence[EntityK
         conn.execute(sa.delete(waits).where(among))
     rows = [
         {"entity_type": k[0], "entity_id": k[1], "target_type": t[0], "target_id": t[1], "since": now}
-        for k, targets in waiting.items() for t in set(targets)
+        for k, targets in waiting.items()
+        for t in set(targets)
     ]
     if rows:
         conn.execute(sa.insert(waits), rows)

@@ -19,18 +19,40 @@ def unnest_insert() -> postgresql.Insert:
         return sa.cast(sa.bindparam(name), postgresql.ARRAY(item))
 
     batch = (
-        sa.func.unnest(array("types", sa.Text()), array("ids", sa.Text()), array("states", sa.Text()),
-                       array("event_times", sa.DateTime(timezone=True)))
+        sa.func.unnest(
+            array("types", sa.Text()),
+            array("ids", sa.Text()),
+            array("states", sa.Text()),
+            array("event_times", sa.DateTime(timezone=True)),
+        )
         .table_valued("entity_type", "entity_id", "state", "last_event_at")
         .render_derived(name="batch")
     )
     now = sa.bindparam("now", type_=UTCDateTime)
     # Every new entity is due now; a tombstone too, so enrichment retracts its edges.
-    rows = sa.select(batch.c.entity_type, batch.c.entity_id, batch.c.state, sa.literal(1), now, now,
-                     batch.c.last_event_at, sa.literal(0), now)
+    rows = sa.select(
+        batch.c.entity_type,
+        batch.c.entity_id,
+        batch.c.state,
+        sa.literal(1),
+        now,
+        now,
+        batch.c.last_event_at,
+        sa.literal(0),
+        now,
+    )
     return postgresql.insert(entities).from_select(
-        ["entity_type", "entity_id", "state", "version", "first_seen_at", "updated_at", "last_event_at",
-         "attempts", "next_attempt_at"],
+        [
+            "entity_type",
+            "entity_id",
+            "state",
+            "version",
+            "first_seen_at",
+            "updated_at",
+            "last_event_at",
+            "attempts",
+            "next_attempt_at",
+        ],
         rows,
     )
 
@@ -79,6 +101,11 @@ def latest_per_entity(events: Sequence[Event]) -> dict[EntityKey, Event]:
     for event in events:
         key = (event.entity_type, event.entity_id)
         seen = latest.get(key)
-        if seen is None or seen.occurred_at is None or event.occurred_at is None or event.occurred_at >= seen.occurred_at:
+        if (
+            seen is None
+            or seen.occurred_at is None
+            or event.occurred_at is None
+            or event.occurred_at >= seen.occurred_at
+        ):
             latest[key] = event
     return latest

@@ -101,7 +101,9 @@ def backlog(conn: sa.Connection, limit: int) -> list[EntityKey]:
     return [tuple(row) for row in rows]  # type: ignore[misc]
 
 
-def document_sources(conn: sa.Connection, keys: Sequence[EntityKey], *, cap: int = RELATIONSHIP_CAP) -> list[DocumentSource]:
+def document_sources(
+    conn: sa.Connection, keys: Sequence[EntityKey], *, cap: int = RELATIONSHIP_CAP
+) -> list[DocumentSource]:
     """Everything the documents of ``keys`` need, with at most ``cap`` edges per (relation, direction)
     and references per field; ``totals`` counts them all.
 
@@ -110,12 +112,28 @@ def document_sources(conn: sa.Connection, keys: Sequence[EntityKey], *, cap: int
     builds rows as plain dicts from tuples: SQLAlchemy's row mappings cost more than the SQL did.
     """
     rows: dict[EntityKey, dict[str, Any]] = {}
-    columns = [entities.c[name] for name in ("entity_type", "entity_id", "state", "doc_version", "attributes",
-                                              "first_seen_at", "hydrated_at", "last_enriched_at")]
+    columns = [
+        entities.c[name]
+        for name in (
+            "entity_type",
+            "entity_id",
+            "state",
+            "doc_version",
+            "attributes",
+            "first_seen_at",
+            "hydrated_at",
+            "last_enriched_at",
+        )
+    ]
     for match in arrays.key_filters(conn, [entities.c.entity_type, entities.c.entity_id], list(keys)):
         for row in _dicts(conn, sa.select(*columns).where(match)):
-            rows[(row["entity_type"], row["entity_id"])] = {**row, "edges_out": [], "edges_in": [], "references": [],
-                                                            "totals": []}
+            rows[(row["entity_type"], row["entity_id"])] = {
+                **row,
+                "edges_out": [],
+                "edges_in": [],
+                "references": [],
+                "totals": [],
+            }
     live = [k for k, row in rows.items() if row["state"] != EntityState.DELETED.value]
     edge_columns = [edges.c[n] for n in ("src_type", "src_id", "relation", "dst_type", "dst_id", "path", "kind")]
     ref_columns = [references.c[n] for n in ("from_type", "from_id", "field", "to_type", "to_id", "resolved")]
@@ -132,7 +150,8 @@ def document_sources(conn: sa.Connection, keys: Sequence[EntityKey], *, cap: int
                 others.add((edge[other_type], edge[other_id]))
             for k_type, k_id, relation, total in _totals(conn, where, group):
                 rows[(k_type, k_id)]["totals"].append(
-                    {"relation": relation, "direction": direction, "derived": True, "total": total})
+                    {"relation": relation, "direction": direction, "derived": True, "total": total}
+                )
     group = [references.c.from_type, references.c.from_id, references.c.field]
     for match in arrays.key_filters(conn, [references.c.from_type, references.c.from_id], live):
         where = [match, references.c.retracted_at.is_(None)]
@@ -141,12 +160,14 @@ def document_sources(conn: sa.Connection, keys: Sequence[EntityKey], *, cap: int
             others.add((ref["to_type"], ref["to_id"]))
         for k_type, k_id, relation, total in _totals(conn, where, group):
             rows[(k_type, k_id)]["totals"].append(
-                {"relation": relation, "direction": "out", "derived": False, "total": total})
+                {"relation": relation, "direction": "out", "derived": False, "total": total}
+            )
     neighbours: dict[EntityKey, dict[str, Any]] = {}
     for match in arrays.key_filters(conn, [entities.c.entity_type, entities.c.entity_id], sorted(others)):
         for etype, eid, attributes in conn.execute(
-            sa.select(entities.c.entity_type, entities.c.entity_id, entities.c.attributes)
-            .where(match, entities.c.attributes.is_not(None))
+            sa.select(entities.c.entity_type, entities.c.entity_id, entities.c.attributes).where(
+                match, entities.c.attributes.is_not(None)
+            )
         ):
             neighbours[(etype, eid)] = attributes
     return [DocumentSource(**row, neighbours=neighbours) for row in rows.values()]
@@ -155,19 +176,26 @@ def document_sources(conn: sa.Connection, keys: Sequence[EntityKey], *, cap: int
 def _dicts(conn: sa.Connection, stmt: sa.Select[Any]) -> list[dict[str, Any]]:
     result = conn.execute(stmt)
     names = tuple(result.keys())
-    return [dict(zip(names, row)) for row in result]
+    return [dict(zip(names, row, strict=True)) for row in result]
 
 
-def _capped(conn: sa.Connection, columns: list[sa.ColumnElement[Any]], where: list[sa.ColumnElement[bool]],
-            group: list[sa.ColumnElement[Any]], order: list[sa.ColumnElement[Any]], cap: int) -> list[dict[str, Any]]:
+def _capped(
+    conn: sa.Connection,
+    columns: list[sa.ColumnElement[Any]],
+    where: list[sa.ColumnElement[bool]],
+    group: list[sa.ColumnElement[Any]],
+    order: list[sa.ColumnElement[Any]],
+    cap: int,
+) -> list[dict[str, Any]]:
     """Rows matching ``where``, at most ``cap`` per ``group`` (first by ``order``)."""
     rank = sa.func.row_number().over(partition_by=group, order_by=order).label("rank")
     ranked = sa.select(*columns, rank).where(*where).subquery()
     return _dicts(conn, sa.select(*[ranked.c[c.name] for c in columns]).where(ranked.c.rank <= cap))
 
 
-def _totals(conn: sa.Connection, where: list[sa.ColumnElement[bool]],
-            group: list[sa.ColumnElement[Any]]) -> list[tuple[str, str, str, int]]:
+def _totals(
+    conn: sa.Connection, where: list[sa.ColumnElement[bool]], group: list[sa.ColumnElement[Any]]
+) -> list[tuple[str, str, str, int]]:
     return [tuple(row) for row in conn.execute(sa.select(*group, sa.func.count()).where(*where).group_by(*group))]  # type: ignore[misc]
 
 
@@ -189,15 +217,17 @@ def mark_indexed(conn: sa.Connection, written: Sequence[tuple[EntityKey, int]]) 
 def requeue(conn: sa.Connection, keys: Sequence[EntityKey]) -> None:
     """Put entities back in the backlog (reconciliation found their documents missing or stale)."""
     for chunk in _chunks(list(keys)):
-        conn.execute(sa.update(entities).where(_key_in(entities, "entity_type", "entity_id", chunk))
-                     .values(indexed_version=0))
+        conn.execute(
+            sa.update(entities).where(_key_in(entities, "entity_type", "entity_id", chunk)).values(indexed_version=0)
+        )
 
 
 def versions(conn: sa.Connection) -> Iterator[tuple[str, str, int, str]]:
     """(type, id, doc_version, state) of every entity, streamed in key order."""
     yield from conn.execution_options(yield_per=5000).execute(
-        sa.select(entities.c.entity_type, entities.c.entity_id, entities.c.doc_version, entities.c.state)
-        .order_by(entities.c.entity_type, entities.c.entity_id)
+        sa.select(entities.c.entity_type, entities.c.entity_id, entities.c.doc_version, entities.c.state).order_by(
+            entities.c.entity_type, entities.c.entity_id
+        )
     )
 
 
@@ -205,9 +235,14 @@ def versions_of(conn: sa.Connection, keys: Sequence[EntityKey]) -> dict[EntityKe
     """The document version the store holds now for each of ``keys`` it knows."""
     found: dict[EntityKey, int] = {}
     for chunk in _chunks(list(keys)):
-        found.update(((t, i), v) for t, i, v in conn.execute(
-            sa.select(entities.c.entity_type, entities.c.entity_id, entities.c.doc_version)
-            .where(_key_in(entities, "entity_type", "entity_id", chunk))))
+        found.update(
+            ((t, i), v)
+            for t, i, v in conn.execute(
+                sa.select(entities.c.entity_type, entities.c.entity_id, entities.c.doc_version).where(
+                    _key_in(entities, "entity_type", "entity_id", chunk)
+                )
+            )
+        )
     return found
 
 

@@ -40,8 +40,11 @@ def lease(
     stmt = (
         sa.update(entities)
         .where(entities.c.entity_type == entity_type, chosen)
-        .values(claim_owner=owner, claim_expires_at=expires,
-                attempts=entities.c.attempts + 1 if attempts is None else attempts)
+        .values(
+            claim_owner=owner,
+            claim_expires_at=expires,
+            attempts=entities.c.attempts + 1 if attempts is None else attempts,
+        )
         .returning(
             entities.c.entity_type,
             entities.c.entity_id,
@@ -56,40 +59,82 @@ def lease(
 
 def _scope(entity_type: str, window: tuple[datetime, datetime] | None, now: datetime) -> list[sa.ColumnElement[bool]]:
     """The type, the window of ``first_seen_at`` if any, and not leased to anyone (or lease expired)."""
-    scope = [entities.c.entity_type == entity_type,
-             sa.or_(entities.c.claim_owner.is_(None), entities.c.claim_expires_at <= now)]
+    scope = [
+        entities.c.entity_type == entity_type,
+        sa.or_(entities.c.claim_owner.is_(None), entities.c.claim_expires_at <= now),
+    ]
     if window is not None:
         scope += [entities.c.first_seen_at >= window[0], entities.c.first_seen_at < window[1]]
     return scope
 
 
-def lease_due(conn: sa.Connection, entity_type: str, window: tuple[datetime, datetime] | None, *, now: datetime,
-              limit: int, owner: str, expires: datetime, refresh_before: datetime | None) -> list[Claim]:
+def lease_due(
+    conn: sa.Connection,
+    entity_type: str,
+    window: tuple[datetime, datetime] | None,
+    *,
+    now: datetime,
+    limit: int,
+    owner: str,
+    expires: datetime,
+    refresh_before: datetime | None,
+) -> list[Claim]:
     """Due candidates, oldest due first; then, up to ``limit``, enriched ones last enriched before
     ``refresh_before``."""
     scope = _scope(entity_type, window, now)
-    claims = lease(conn, entity_type, [*scope, entities.c.state.in_(CLAIMABLE_STATES), entities.c.next_attempt_at <= now],
-                   order_by=entities.c.next_attempt_at, limit=limit, owner=owner, expires=expires)
+    claims = lease(
+        conn,
+        entity_type,
+        [*scope, entities.c.state.in_(CLAIMABLE_STATES), entities.c.next_attempt_at <= now],
+        order_by=entities.c.next_attempt_at,
+        limit=limit,
+        owner=owner,
+        expires=expires,
+    )
     if refresh_before is not None and len(claims) < limit:
         stale = [
             entities.c.state == EntityState.FULLY_ENRICHED.value,
             entities.c.last_enriched_at < refresh_before,
             sa.or_(entities.c.next_attempt_at.is_(None), entities.c.next_attempt_at <= now),
         ]
-        claims += lease(conn, entity_type, [*scope, *stale], order_by=entities.c.last_enriched_at,
-                        limit=limit - len(claims), owner=owner, expires=expires)
+        claims += lease(
+            conn,
+            entity_type,
+            [*scope, *stale],
+            order_by=entities.c.last_enriched_at,
+            limit=limit - len(claims),
+            owner=owner,
+            expires=expires,
+        )
     return claims
 
 
-def lease_window(conn: sa.Connection, entity_type: str, window: tuple[datetime, datetime] | None, *, now: datetime,
-                 limit: int, owner: str, expires: datetime) -> list[Claim]:
+def lease_window(
+    conn: sa.Connection,
+    entity_type: str,
+    window: tuple[datetime, datetime] | None,
+    *,
+    now: datetime,
+    limit: int,
+    owner: str,
+    expires: datetime,
+) -> list[Claim]:
     """Every entity of the window whatever its state or schedule, except tombstones already processed;
     quarantined ones start their attempts afresh."""
-    unprocessed_tombstone = sa.and_(entities.c.state == EntityState.DELETED.value, entities.c.next_attempt_at.is_not(None))
+    unprocessed_tombstone = sa.and_(
+        entities.c.state == EntityState.DELETED.value, entities.c.next_attempt_at.is_not(None)
+    )
     return lease(
-        conn, entity_type,
-        [*_scope(entity_type, window, now), sa.or_(entities.c.state != EntityState.DELETED.value, unprocessed_tombstone)],
-        order_by=entities.c.entity_id, limit=limit, owner=owner, expires=expires,
+        conn,
+        entity_type,
+        [
+            *_scope(entity_type, window, now),
+            sa.or_(entities.c.state != EntityState.DELETED.value, unprocessed_tombstone),
+        ],
+        order_by=entities.c.entity_id,
+        limit=limit,
+        owner=owner,
+        expires=expires,
         attempts=sa.case((entities.c.state == EntityState.QUARANTINED.value, 1), else_=entities.c.attempts + 1),
     )
 
@@ -112,13 +157,19 @@ def prefetchable(
         stale,
     ]
     if exclude and conn.dialect.name == "postgresql":
-        where.append(entities.c.entity_id != sa.all_(
-            sa.cast(sa.bindparam("exclude", value=list(exclude)), postgresql.ARRAY(sa.Text()))))
+        where.append(
+            entities.c.entity_id
+            != sa.all_(sa.cast(sa.bindparam("exclude", value=list(exclude)), postgresql.ARRAY(sa.Text())))
+        )
     elif exclude:
         # SQLite: every id is a bound parameter; past its limit, ask for more and drop them here.
         skipped = set(exclude)
-        stmt = (sa.select(entities.c.entity_id).where(*where)
-                .order_by(entities.c.next_attempt_at).limit(limit + len(skipped)))
+        stmt = (
+            sa.select(entities.c.entity_id)
+            .where(*where)
+            .order_by(entities.c.next_attempt_at)
+            .limit(limit + len(skipped))
+        )
         return [i for (i,) in conn.execute(stmt) if i not in skipped][:limit]
     stmt = sa.select(entities.c.entity_id).where(*where).order_by(entities.c.next_attempt_at).limit(limit)
     return [i for (i,) in conn.execute(stmt)]
@@ -130,8 +181,11 @@ def held(conn: sa.Connection, owner: str, keys: Sequence[EntityKey]) -> dict[Ent
     for among in arrays.key_filters(conn, (entities.c.entity_type, entities.c.entity_id), keys):
         stmt = (
             sa.select(
-                entities.c.entity_type, entities.c.entity_id,
-                entities.c.version, entities.c.attempts, entities.c.state,
+                entities.c.entity_type,
+                entities.c.entity_id,
+                entities.c.version,
+                entities.c.attempts,
+                entities.c.state,
             )
             .where(
                 among,
@@ -142,6 +196,7 @@ def held(conn: sa.Connection, owner: str, keys: Sequence[EntityKey]) -> dict[Ent
         for etype, eid, version, attempts, state in conn.execute(stmt):
             held[(etype, eid)] = (version, attempts, state)
     return held
+
 
 def outcome_row(
     outcome: Outcome, attempts: int, state: str, retry: RetryPolicy, now: datetime, rng: random.Random
@@ -160,30 +215,38 @@ def outcome_row(
         "attempts": attempts,
     }
     if outcome.status == "enriched":
-        row.update(new_state=EntityState.FULLY_ENRICHED.value, attempts=0, next_attempt_at=None,
-                   last_enriched_at=now)
+        row.update(new_state=EntityState.FULLY_ENRICHED.value, attempts=0, next_attempt_at=None, last_enriched_at=now)
     elif outcome.status == "partial":
-        row.update(new_state=EntityState.PARTIALLY_RESOLVED.value,
-                   next_attempt_at=now + retry.delay(attempts, rng),
-                   waiting_on=[list(key) for key in sorted(set(outcome.waiting_on))] or None)
+        row.update(
+            new_state=EntityState.PARTIALLY_RESOLVED.value,
+            next_attempt_at=now + retry.delay(attempts, rng),
+            waiting_on=[list(key) for key in sorted(set(outcome.waiting_on))] or None,
+        )
     elif outcome.status == "deleted":
         row.update(next_attempt_at=None, attempts=0)
     elif outcome.status == "deferred":
         # The source was down, not the entity: the attempt is given back.
-        row.update(attempts=max(attempts - 1, 0), next_attempt_at=outcome.retry_at or now,
-                   last_error=outcome.error)
+        row.update(attempts=max(attempts - 1, 0), next_attempt_at=outcome.retry_at or now, last_error=outcome.error)
     elif attempts >= retry.max_attempts:
-        row.update(new_state=EntityState.QUARANTINED.value, next_attempt_at=None,
-                   last_error=outcome.error or "failed")
+        row.update(new_state=EntityState.QUARANTINED.value, next_attempt_at=None, last_error=outcome.error or "failed")
     else:
         row.update(next_attempt_at=now + retry.delay(attempts, rng), last_error=outcome.error or "failed")
     return row
 
+
 # The bind parameters of ``finish_statement``, one per key of ``outcome_row``.
 _OUTCOME_COLUMNS: dict[str, sa.types.TypeEngine[Any]] = {
-    "k_type": sa.Text(), "k_id": sa.Text(), "claimed_version": sa.BigInteger(), "new_state": sa.Text(),
-    "attempts": sa.Integer(), "next_attempt_at": UTCDateTime(), "last_enriched_at": UTCDateTime(),
-    "last_error": sa.Text(), "waiting_on": JSONDocument, "attributes": JSONDocument, "hydrated_at": UTCDateTime(),
+    "k_type": sa.Text(),
+    "k_id": sa.Text(),
+    "claimed_version": sa.BigInteger(),
+    "new_state": sa.Text(),
+    "attempts": sa.Integer(),
+    "next_attempt_at": UTCDateTime(),
+    "last_enriched_at": UTCDateTime(),
+    "last_error": sa.Text(),
+    "waiting_on": JSONDocument,
+    "attributes": JSONDocument,
+    "hydrated_at": UTCDateTime(),
 }
 
 
@@ -249,7 +312,12 @@ def release_owners(conn: sa.Connection, owners: Sequence[str]) -> int:
     stmt = (
         sa.update(entities)
         .where(entities.c.claim_owner.in_(owners))
-        .values(claim_owner=None, claim_expires_at=None, attempts=sa.func.max(entities.c.attempts - 1, 0)
-                if conn.dialect.name == "sqlite" else sa.func.greatest(entities.c.attempts - 1, 0))
+        .values(
+            claim_owner=None,
+            claim_expires_at=None,
+            attempts=sa.func.max(entities.c.attempts - 1, 0)
+            if conn.dialect.name == "sqlite"
+            else sa.func.greatest(entities.c.attempts - 1, 0),
+        )
     )
     return conn.execute(stmt).rowcount

@@ -23,9 +23,23 @@ from sqlalchemy.dialects.postgresql import psycopg2
 from enrichment_assets.factstore.models import EdgeLookup, EntityRecord
 from enrichment_assets.factstore.schema import EntityState, edges, entities
 
-EDGE_FIELDS = ("relation", "src_type", "src_id", "dst_type", "dst_id", "kind", "confidence", "policy", "path",
-               "asserted_at", "confirmed_at")
-_ENDS = {"out": (("src_type", "src_id"), ("dst_type", "dst_id")), "in": (("dst_type", "dst_id"), ("src_type", "src_id"))}
+EDGE_FIELDS = (
+    "relation",
+    "src_type",
+    "src_id",
+    "dst_type",
+    "dst_id",
+    "kind",
+    "confidence",
+    "policy",
+    "path",
+    "asserted_at",
+    "confirmed_at",
+)
+_ENDS = {
+    "out": (("src_type", "src_id"), ("dst_type", "dst_id")),
+    "in": (("dst_type", "dst_id"), ("src_type", "src_id")),
+}
 
 
 def _ends(direction: str) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -36,11 +50,13 @@ def _ends(direction: str) -> tuple[tuple[str, str], tuple[str, str]]:
 
 def entity_stmt(entity_type: str, entity_id: str) -> sa.Select[Any]:
     return sa.select(*[entities.c[f] for f in EntityRecord.__dataclass_fields__]).where(
-        entities.c.entity_type == entity_type, entities.c.entity_id == entity_id)
+        entities.c.entity_type == entity_type, entities.c.entity_id == entity_id
+    )
 
 
-def edges_stmt(entity_type: str, entity_id: str, relation: str | None, direction: str,
-               include_retracted: bool, limit: int | None) -> sa.Select[Any]:
+def edges_stmt(
+    entity_type: str, entity_id: str, relation: str | None, direction: str, include_retracted: bool, limit: int | None
+) -> sa.Select[Any]:
     this, other = _ends(direction)
     where = [edges.c[this[0]] == entity_type, edges.c[this[1]] == entity_id]
     if relation is not None:
@@ -60,38 +76,51 @@ def edge_total_stmt(entity_type: str, entity_id: str, relation: str | None, dire
 
 
 def edge_counts(conn: sa.Connection) -> dict[tuple[str, str, str], int]:
-    stmt = (sa.select(edges.c.src_type, edges.c.relation, edges.c.dst_type, sa.func.count())
-            .where(edges.c.retracted_at.is_(None)).group_by(edges.c.src_type, edges.c.relation, edges.c.dst_type))
+    stmt = (
+        sa.select(edges.c.src_type, edges.c.relation, edges.c.dst_type, sa.func.count())
+        .where(edges.c.retracted_at.is_(None))
+        .group_by(edges.c.src_type, edges.c.relation, edges.c.dst_type)
+    )
     return {(src, relation, dst): count for src, relation, dst, count in conn.execute(stmt)}
 
 
 def edge_sources(conn: sa.Connection, entity_type: str, relation: str, *, limit: int) -> list[str]:
-    return list(conn.scalars(
-        sa.select(edges.c.src_id).distinct()
-        .where(edges.c.src_type == entity_type, edges.c.relation == relation, edges.c.retracted_at.is_(None))
-        .order_by(edges.c.src_id).limit(limit)
-    ))
+    return list(
+        conn.scalars(
+            sa.select(edges.c.src_id)
+            .distinct()
+            .where(edges.c.src_type == entity_type, edges.c.relation == relation, edges.c.retracted_at.is_(None))
+            .order_by(edges.c.src_id)
+            .limit(limit)
+        )
+    )
 
 
 def enrichment_lags(conn: sa.Connection) -> list[float]:
-    rows = conn.execute(sa.select(entities.c.first_seen_at, entities.c.last_enriched_at)
-                        .where(entities.c.state == EntityState.FULLY_ENRICHED.value))
+    rows = conn.execute(
+        sa.select(entities.c.first_seen_at, entities.c.last_enriched_at).where(
+            entities.c.state == EntityState.FULLY_ENRICHED.value
+        )
+    )
     return sorted((enriched - seen).total_seconds() for seen, enriched in rows)
 
 
 def _edge_lookup_stmt(direction: str, by_relation: bool) -> sa.Select[Any]:
     this, other = _ends(direction)
-    live = [edges.c[this[0]] == sa.bindparam("entity_type"), edges.c[this[1]] == sa.bindparam("entity_id"),
-            edges.c.retracted_at.is_(None)]
+    live = [
+        edges.c[this[0]] == sa.bindparam("entity_type"),
+        edges.c[this[1]] == sa.bindparam("entity_id"),
+        edges.c.retracted_at.is_(None),
+    ]
     if by_relation:
         live.append(edges.c.relation == sa.bindparam("relation"))
     total = sa.select(sa.func.count()).select_from(edges).where(*live).scalar_subquery()
     return (
-        sa.select(entities.c.state, entities.c.last_enriched_at, total.label("total"),
-                  *(edges.c[f] for f in EDGE_FIELDS))
+        sa.select(
+            entities.c.state, entities.c.last_enriched_at, total.label("total"), *(edges.c[f] for f in EDGE_FIELDS)
+        )
         .select_from(entities.outerjoin(edges, sa.and_(*live)))
-        .where(entities.c.entity_type == sa.bindparam("entity_type"),
-               entities.c.entity_id == sa.bindparam("entity_id"))
+        .where(entities.c.entity_type == sa.bindparam("entity_type"), entities.c.entity_id == sa.bindparam("entity_id"))
         .order_by(edges.c.relation, edges.c[other[0]], edges.c[other[1]])
         .limit(sa.bindparam("limit", type_=sa.Integer))
     )
@@ -141,16 +170,18 @@ def _answer(entity_type: str, entity_id: str, rows: Sequence[Sequence[Any]]) -> 
     return EdgeLookup(entity_type, entity_id, state, last_enriched_at, total, found)
 
 
-def edge_lookup(conn: sa.Connection, entity_type: str, entity_id: str, *, relation: str | None,
-                direction: str, limit: int) -> EdgeLookup | None:
+def edge_lookup(
+    conn: sa.Connection, entity_type: str, entity_id: str, *, relation: str | None, direction: str, limit: int
+) -> EdgeLookup | None:
     """The entity's state and staleness with its first ``limit`` live edges and their total; None if
     the entity is unknown."""
     params = _params(entity_type, entity_id, relation, direction, limit)
     return _answer(entity_type, entity_id, conn.execute(_EDGE_LOOKUPS[direction, relation is not None], params).all())
 
 
-def prepared_edge_lookup(cursor: Any, entity_type: str, entity_id: str, *, relation: str | None,
-                         direction: str, limit: int) -> EdgeLookup | None:
+def prepared_edge_lookup(
+    cursor: Any, entity_type: str, entity_id: str, *, relation: str | None, direction: str, limit: int
+) -> EdgeLookup | None:
     """``edge_lookup`` through a psycopg2 cursor of a connection ``prepare_statements`` has prepared.
 
     It bypasses SQLAlchemy's execution and result layers, which cost as much again as the prepared
@@ -159,8 +190,10 @@ def prepared_edge_lookup(cursor: Any, entity_type: str, entity_id: str, *, relat
     """
     params = _params(entity_type, entity_id, relation, direction, limit)
     cursor.execute(_PREPARED[direction, relation is not None].execute, params)
-    rows = [(state, _utc(enriched), total, *edge[:-2], _utc(edge[-2]), _utc(edge[-1]))
-            for state, enriched, total, *edge in cursor.fetchall()]
+    rows = [
+        (state, _utc(enriched), total, *edge[:-2], _utc(edge[-2]), _utc(edge[-1]))
+        for state, enriched, total, *edge in cursor.fetchall()
+    ]
     return _answer(entity_type, entity_id, rows)
 
 

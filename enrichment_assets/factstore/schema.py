@@ -69,19 +69,25 @@ entities = sa.Table(
     # Claims scan rows with scheduled work (next_attempt_at set) by due time; discovery groups the
     # same rows by window. Partial indexes keep both proportional to that set, not to the table.
     sa.Index(
-        "ix_entities_pending_due", "entity_type", "next_attempt_at", "first_seen_at",
+        "ix_entities_pending_due",
+        "entity_type",
+        "next_attempt_at",
+        "first_seen_at",
         postgresql_where=sa.column("next_attempt_at").is_not(None),
         sqlite_where=sa.column("next_attempt_at").is_not(None),
     ),
     sa.Index("ix_entities_pending_age", "entity_type", "first_seen_at", **_pending(sa.column("state"))),
     sa.Index(
-        "ix_entities_enriched_refresh", "entity_type", "last_enriched_at",
+        "ix_entities_enriched_refresh",
+        "entity_type",
+        "last_enriched_at",
         postgresql_where=sa.column("state") == EntityState.FULLY_ENRICHED.value,
         sqlite_where=sa.column("state") == EntityState.FULLY_ENRICHED.value,
     ),
     sa.Index("ix_entities_type_first_seen", "entity_type", "first_seen_at"),
     sa.Index(
-        "ix_entities_index_due", "entity_type",
+        "ix_entities_index_due",
+        "entity_type",
         postgresql_where=sa.column("indexed_version") < sa.column("doc_version"),
         sqlite_where=sa.column("indexed_version") < sa.column("doc_version"),
     ),

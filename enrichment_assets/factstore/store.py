@@ -47,8 +47,6 @@ _T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 
-
-
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -115,8 +113,12 @@ class FactStore(OutboxMethods):
             except sa.exc.OperationalError as error:
                 if attempt == _WRITE_ATTEMPTS or getattr(error.orig, "pgcode", None) not in _RETRYABLE:
                     raise
-                log.warning("fact store transaction aborted (%s), attempt %d of %d; retrying",
-                            type(error.orig).__name__, attempt, _WRITE_ATTEMPTS)
+                log.warning(
+                    "fact store transaction aborted (%s), attempt %d of %d; retrying",
+                    type(error.orig).__name__,
+                    attempt,
+                    _WRITE_ATTEMPTS,
+                )
                 time.sleep(self._rng.uniform(0.05, 0.2) * attempt)
         raise AssertionError("unreachable")
 
@@ -146,20 +148,34 @@ class FactStore(OutboxMethods):
             if self.dialect == "postgresql":
                 # One statement for the whole batch, its columns sent as arrays: psycopg2 would run
                 # an executemany upsert row by row (SQLAlchemy does not page ON CONFLICT inserts).
-                conn.execute(ingest.POSTGRES_UPSERT, {
-                    "types": [e.entity_type for e in rows],
-                    "ids": [e.entity_id for e in rows],
-                    "states": [ingest.state_for(e.event_type) for e in rows],
-                    "event_times": [e.occurred_at for e in rows],
-                    "now": now,
-                })
+                conn.execute(
+                    ingest.POSTGRES_UPSERT,
+                    {
+                        "types": [e.entity_type for e in rows],
+                        "ids": [e.entity_id for e in rows],
+                        "states": [ingest.state_for(e.event_type) for e in rows],
+                        "event_times": [e.occurred_at for e in rows],
+                        "now": now,
+                    },
+                )
             else:
-                conn.execute(ingest.SQLITE_UPSERT, [
-                    {"entity_type": e.entity_type, "entity_id": e.entity_id, "state": ingest.state_for(e.event_type),
-                     "version": 1, "first_seen_at": now, "updated_at": now, "last_event_at": e.occurred_at,
-                     "attempts": 0, "next_attempt_at": now}
-                    for e in rows
-                ])
+                conn.execute(
+                    ingest.SQLITE_UPSERT,
+                    [
+                        {
+                            "entity_type": e.entity_type,
+                            "entity_id": e.entity_id,
+                            "state": ingest.state_for(e.event_type),
+                            "version": 1,
+                            "first_seen_at": now,
+                            "updated_at": now,
+                            "last_event_at": e.occurred_at,
+                            "attempts": 0,
+                            "next_attempt_at": now,
+                        }
+                        for e in rows
+                    ],
+                )
 
         self._write(upsert)
         return IngestResult(
@@ -199,10 +215,23 @@ class FactStore(OutboxMethods):
             return []
         now = self._clock()
         if force:
-            return self._write(lambda conn: queue.lease_window(conn, entity_type, window, now=now, limit=limit,
-                                                               owner=owner, expires=now + lease))
-        return self._write(lambda conn: queue.lease_due(conn, entity_type, window, now=now, limit=limit, owner=owner,
-                                                        expires=now + lease, refresh_before=refresh_before))
+            return self._write(
+                lambda conn: queue.lease_window(
+                    conn, entity_type, window, now=now, limit=limit, owner=owner, expires=now + lease
+                )
+            )
+        return self._write(
+            lambda conn: queue.lease_due(
+                conn,
+                entity_type,
+                window,
+                now=now,
+                limit=limit,
+                owner=owner,
+                expires=now + lease,
+                refresh_before=refresh_before,
+            )
+        )
 
     def finish(self, owner: str, outcomes: Sequence[Outcome], retry: RetryPolicy) -> FinishResult:
         """Record the outcomes of claimed entities, their derived edges and what partial ones wait on,
@@ -218,8 +247,9 @@ class FactStore(OutboxMethods):
         now = self._clock()
         return self._write(lambda conn: self._finish(conn, owner, outcomes, retry, now))
 
-    def _finish(self, conn: sa.Connection, owner: str, outcomes: Sequence[Outcome], retry: RetryPolicy,
-                now: datetime) -> FinishResult:
+    def _finish(
+        self, conn: sa.Connection, owner: str, outcomes: Sequence[Outcome], retry: RetryPolicy, now: datetime
+    ) -> FinishResult:
         counts: Counter[str] = Counter()
         walks: dict[EntityKey, tuple[Sequence[DerivedEdge], bool]] = {}
         waiting: dict[EntityKey, Sequence[EntityKey]] = {}
@@ -267,8 +297,7 @@ class FactStore(OutboxMethods):
 
     def release(self, owner: str, keys: Iterable[EntityKey]) -> int:
         """Give claims back untried (the attempt is not counted). Returns how many were still held."""
-        return self._update_held(owner, keys, claim_owner=None, claim_expires_at=None,
-                                 attempts=entities.c.attempts - 1)
+        return self._update_held(owner, keys, claim_owner=None, claim_expires_at=None, attempts=entities.c.attempts - 1)
 
     def release_owners(self, owners: Sequence[str]) -> int:
         """Give back, untried, every claim the given owners hold (runs that failed or were canceled, and
@@ -285,8 +314,12 @@ class FactStore(OutboxMethods):
 
         def update(conn: sa.Connection) -> int:
             among = arrays.key_filters(conn, (entities.c.entity_type, entities.c.entity_id), ordered)
-            return sum(conn.execute(sa.update(entities).where(where, entities.c.claim_owner == owner).values(**values)
-                                    ).rowcount for where in among)
+            return sum(
+                conn.execute(
+                    sa.update(entities).where(where, entities.c.claim_owner == owner).values(**values)
+                ).rowcount
+                for where in among
+            )
 
         return self._write(update)
 
@@ -337,23 +370,38 @@ class FactStore(OutboxMethods):
         """Make partially resolved entities due now when something they wait on has arrived."""
         return self._write(lambda conn: graph.wake_waiters(conn, self._clock()))
 
-    def edges_of(self, entity_type: str, entity_id: str, *, relation: str | None = None,
-                 include_retracted: bool = False, direction: Literal["out", "in"] = "out",
-                 limit: int | None = None) -> list[dict[str, Any]]:
+    def edges_of(
+        self,
+        entity_type: str,
+        entity_id: str,
+        *,
+        relation: str | None = None,
+        include_retracted: bool = False,
+        direction: Literal["out", "in"] = "out",
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
         """Derived edges from the entity (``out``) or into it (``in``), with their provenance; at most
         ``limit``, ordered by relation and the other end."""
         stmt = reads.edges_stmt(entity_type, entity_id, relation, direction, include_retracted, limit)
         with self.engine.connect() as conn:
             return [dict(row) for row in conn.execute(stmt).mappings()]
 
-    def edge_total(self, entity_type: str, entity_id: str, *, relation: str | None = None,
-                   direction: Literal["out", "in"] = "out") -> int:
+    def edge_total(
+        self, entity_type: str, entity_id: str, *, relation: str | None = None, direction: Literal["out", "in"] = "out"
+    ) -> int:
         """How many live edges ``edges_of`` would return without a limit."""
         with self.engine.connect() as conn:
             return conn.execute(reads.edge_total_stmt(entity_type, entity_id, relation, direction)).scalar_one()
 
-    def entity_edges(self, entity_type: str, entity_id: str, *, relation: str | None = None,
-                     direction: Literal["out", "in"] = "out", limit: int) -> EdgeLookup | None:
+    def entity_edges(
+        self,
+        entity_type: str,
+        entity_id: str,
+        *,
+        relation: str | None = None,
+        direction: Literal["out", "in"] = "out",
+        limit: int,
+    ) -> EdgeLookup | None:
         """The read API's edge lookup, in one statement and one round trip: the entity's state and
         ``last_enriched_at``, its first ``limit`` live edges and their total; None if unknown.
 
@@ -432,8 +480,9 @@ class FactStore(OutboxMethods):
         rows it points to, so its cost follows the amount of due work rather than the size of the table.
         """
         with self.engine.connect() as conn:
-            return discovery.due_work(conn, self._clock(), granularity=granularity,
-                                      refresh_intervals=refresh_intervals or {})
+            return discovery.due_work(
+                conn, self._clock(), granularity=granularity, refresh_intervals=refresh_intervals or {}
+            )
 
     def ages(self, entity_type: str, window: tuple[datetime, datetime] | None = None) -> list[float]:
         """Staleness in seconds of every live entity of a type (optionally first seen in ``window``),
@@ -441,8 +490,9 @@ class FactStore(OutboxMethods):
         with self.engine.connect() as conn:
             return discovery.ages(conn, self._clock(), entity_type, window)
 
-    def staleness(self, entity_type: str, window: tuple[datetime, datetime] | None = None, *,
-                  budget: timedelta | None = None) -> Staleness:
+    def staleness(
+        self, entity_type: str, window: tuple[datetime, datetime] | None = None, *, budget: timedelta | None = None
+    ) -> Staleness:
         """p50/p95/max staleness (see ``ages``) of a type's live entities, and how many exceed ``budget``.
         On PostgreSQL the percentiles are computed in the database, so a million entities stay there."""
         with self.engine.connect() as conn:

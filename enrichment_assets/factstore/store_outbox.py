@@ -12,7 +12,6 @@ from enrichment_assets.factstore import outbox
 from enrichment_assets.factstore.models import EntityKey
 
 
-
 class OutboxMethods:
     """Mixed into ``FactStore``; relies on its ``engine`` and ``_write``."""
 
@@ -30,8 +29,9 @@ class OutboxMethods:
         with self.engine.connect() as conn:
             return outbox.backlog(conn, limit)
 
-    def document_sources(self, keys: Sequence[EntityKey], *, cap: int = outbox.RELATIONSHIP_CAP
-                         ) -> list[outbox.DocumentSource]:
+    def document_sources(
+        self, keys: Sequence[EntityKey], *, cap: int = outbox.RELATIONSHIP_CAP
+    ) -> list[outbox.DocumentSource]:
         with self.engine.connect() as conn:
             return outbox.document_sources(conn, keys, cap=cap)
 

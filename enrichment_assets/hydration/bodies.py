@@ -55,8 +55,11 @@ class BoundedBody:
                 raise Refused("malformed compressed body") from None
         self._size += len(data)
         if self._size > self._limit:
-            raise Refused(f"body over {self._limit} bytes once decompressed"
-                           if self._inflater is not None else f"body over {self._limit} bytes")
+            raise Refused(
+                f"body over {self._limit} bytes once decompressed"
+                if self._inflater is not None
+                else f"body over {self._limit} bytes"
+            )
         self._chunks.append(data)
 
     def content(self) -> bytes:

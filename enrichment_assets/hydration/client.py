@@ -64,9 +64,13 @@ class SourceStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "requests": self.requests, "retries": self.retries, "throttled": self.throttled,
-            "entities_requested": self.entities_requested, "errors": self.errors,
-            "by_status": dict(self.by_status), "budget_wait_seconds": round(self.budget_wait_seconds, 3),
+            "requests": self.requests,
+            "retries": self.retries,
+            "throttled": self.throttled,
+            "entities_requested": self.entities_requested,
+            "errors": self.errors,
+            "by_status": dict(self.by_status),
+            "budget_wait_seconds": round(self.budget_wait_seconds, 3),
         }
 
 
@@ -113,12 +117,14 @@ class SourceClient:
             headers=headers,
             timeout=httpx.Timeout(source.timeout_seconds),
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=source.max_concurrency,
-                                max_keepalive_connections=source.max_concurrency),
+            limits=httpx.Limits(
+                max_connections=source.max_concurrency, max_keepalive_connections=source.max_concurrency
+            ),
             transport=transport,
         )
-        self.limits = limits or LocalLimits(requests_per_second=source.requests_per_second,
-                                            max_concurrency=source.max_concurrency)
+        self.limits = limits or LocalLimits(
+            requests_per_second=source.requests_per_second, max_concurrency=source.max_concurrency
+        )
         self.breaker = CircuitBreaker(source.circuit_failure_threshold, source.circuit_reset.total_seconds())
         self._rng = rng or random.Random()
         self.stats = SourceStats()
@@ -213,7 +219,9 @@ class SourceClient:
                     if not self.breaker.allow():
                         raise _Failure(
                             f"{self.name} unavailable: circuit open for {self.breaker.seconds_until_retry():.0f}s "
-                            f"more after repeated failures ({last})", unavailable=True)
+                            f"more after repeated failures ({last})",
+                            unavailable=True,
+                        )
                     self.stats.requests += 1
                     response, body = await self._send(url)
             except (httpx.TimeoutException, TimeoutError):
@@ -250,8 +258,10 @@ class SourceClient:
                 await asyncio.sleep(self._backoff(attempt))
         # If the breaker is open the source is failing as a whole: defer rather than spend the
         # entity's attempts. If it is closed, others succeed and this request alone keeps failing.
-        raise _Failure(f"{self.name}: gave up after {self.source.max_retries + 1} attempts: {last}",
-                       unavailable=self.breaker.is_open)
+        raise _Failure(
+            f"{self.name}: gave up after {self.source.max_retries + 1} attempts: {last}",
+            unavailable=self.breaker.is_open,
+        )
 
     async def _send(self, url: httpx.URL) -> tuple[httpx.Response, bytes]:
         """The answer and, for a 2xx, its body (for any other status, ``b""``: its body is never used)."""
@@ -263,8 +273,7 @@ class SourceClient:
                 return response, b""
             content_type = response.headers.get("content-type", "")
             if not is_json(content_type):
-                raise Refused(f"answered {response.status_code} with content type {content_type or 'none'!r}, "
-                               "not JSON")
+                raise Refused(f"answered {response.status_code} with content type {content_type or 'none'!r}, not JSON")
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limit:
                 raise Refused(f"body over {limit} bytes")

@@ -35,19 +35,26 @@ class SourcePool:
         store: FactStore | None = None,
     ) -> None:
         self.policy = policy
-        self._budgets = (SourceBudgets(store.engine)
-                         if store is not None and store.engine.dialect.name == "postgresql" else None)
+        self._budgets = (
+            SourceBudgets(store.engine) if store is not None and store.engine.dialect.name == "postgresql" else None
+        )
         self.clients = {
-            name: SourceClient(name, source, environ=environ, transport=(transports or {}).get(name),
-                               limits=self._shared_limits(name, source))
+            name: SourceClient(
+                name,
+                source,
+                environ=environ,
+                transport=(transports or {}).get(name),
+                limits=self._shared_limits(name, source),
+            )
             for name, source in policy.sources.items()
         }
 
     def _shared_limits(self, name: str, source: Source) -> SharedLimits | None:
         if self._budgets is None:
             return None
-        return SharedLimits(self._budgets, name, requests_per_second=source.requests_per_second,
-                            max_concurrency=source.max_concurrency)
+        return SharedLimits(
+            self._budgets, name, requests_per_second=source.requests_per_second, max_concurrency=source.max_concurrency
+        )
 
     def client_for(self, entity_type: str) -> SourceClient:
         return self.clients[self.policy.entity_types[entity_type].source]
@@ -69,9 +76,11 @@ class SourcePool:
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per source: the client's counters, whether its circuit is open, and the database calls its
         limits made (``budget_round_trips``, 0 for a process's own limits)."""
-        return {name: client.stats.as_dict() | {"circuit_open": client.breaker.is_open,
-                                                "budget_round_trips": client.limits.round_trips}
-                for name, client in self.clients.items()}
+        return {
+            name: client.stats.as_dict()
+            | {"circuit_open": client.breaker.is_open, "budget_round_trips": client.limits.round_trips}
+            for name, client in self.clients.items()
+        }
 
     async def aclose(self) -> None:
         try:

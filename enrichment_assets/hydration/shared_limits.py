@@ -43,9 +43,16 @@ class SharedRate:
     # How fast two clocks may drift apart, so that an old, precise offset estimate is replaced in time.
     DRIFT = 1e-4
 
-    def __init__(self, budgets: SourceBudgets, source: str, per_second: float, *, holder: str,
-                 on_booking: Callable[[Booking], None] = lambda booking: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        budgets: SourceBudgets,
+        source: str,
+        per_second: float,
+        *,
+        holder: str,
+        on_booking: Callable[[Booking], None] = lambda booking: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.interval = RateLimiter.MARGIN / per_second
         # A tenth of a second's requests, so one booking serves several without holding back others.
         self.max_block = max(1, int(0.1 / self.interval))
@@ -140,15 +147,27 @@ class SharedRate:
 class SharedLimits:
     """One source's limits drawn from the shared budget (the interface of ``LocalLimits``)."""
 
-    def __init__(self, budgets: SourceBudgets, source: str, *, requests_per_second: float, max_concurrency: int,
-                 lease: float = 10.0) -> None:
+    def __init__(
+        self,
+        budgets: SourceBudgets,
+        source: str,
+        *,
+        requests_per_second: float,
+        max_concurrency: int,
+        lease: float = 10.0,
+    ) -> None:
         self.holder = f"{os.getpid()}:{uuid.uuid4().hex[:8]}:{socket.gethostname()}"[:128]
         self._budgets = budgets
         self._source = source
         self._per_second = requests_per_second
         self.slots = SharedSlots(budgets, source, max_concurrency, holder=self.holder, lease=lease)
-        self.rate = SharedRate(budgets, source, requests_per_second, holder=self.holder,
-                               on_booking=lambda booking: self.slots.learn(booking.slots))
+        self.rate = SharedRate(
+            budgets,
+            source,
+            requests_per_second,
+            holder=self.holder,
+            on_booking=lambda booking: self.slots.learn(booking.slots),
+        )
         self._ensured = False
         self._ensuring = asyncio.Lock()
 
@@ -162,8 +181,9 @@ class SharedLimits:
         if not self._ensured:
             async with self._ensuring:
                 if not self._ensured:
-                    await asyncio.to_thread(self._budgets.ensure, self._source, slots=self.slots.limit,
-                                            per_second=self._per_second)
+                    await asyncio.to_thread(
+                        self._budgets.ensure, self._source, slots=self.slots.limit, per_second=self._per_second
+                    )
                     self._ensured = True
         async with self.slots.hold():
             yield

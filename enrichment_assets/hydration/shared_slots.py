@@ -36,8 +36,18 @@ class SharedSlots:
     # How often a process holding its fair share looks for slots others have freed.
     RECHECK_SECONDS = 0.5
 
-    def __init__(self, budgets: SourceBudgets, source: str, limit: int, *, holder: str, lease: float = 10.0,
-                 linger: float = 0.2, turn: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        budgets: SourceBudgets,
+        source: str,
+        limit: int,
+        *,
+        holder: str,
+        lease: float = 10.0,
+        linger: float = 0.2,
+        turn: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.limit = limit
         self.lease = lease
         self.linger = linger
@@ -146,9 +156,15 @@ class SharedSlots:
                 wanted = min(len(self._waiters), room - self.held)
                 if wanted <= 0:
                     return  # releases will serve whoever waits
-                taken = await self._call(self._budgets.take_slots, held=len(self._taken_at), limit=self.limit,
-                                         count=wanted, lease=self.lease, cooldown=self.cooldown,
-                                         wanted_for=10 * self.POLL_SECONDS)
+                taken = await self._call(
+                    self._budgets.take_slots,
+                    held=len(self._taken_at),
+                    limit=self.limit,
+                    count=wanted,
+                    lease=self.lease,
+                    cooldown=self.cooldown,
+                    wanted_for=10 * self.POLL_SECONDS,
+                )
                 self._demand = SlotDemand(taken.other_holders, self._demand.wanted_by_other)
                 now = self._clock()
                 for slot in taken.slots:

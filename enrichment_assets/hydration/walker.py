@@ -63,9 +63,22 @@ class WalkReport:
         self.changed |= other.changed
         mine, theirs = self.result, other.result
         self.result = FinishResult(
-            **{name: getattr(mine, name) + getattr(theirs, name)
-               for name in ("enriched", "partial", "failed", "quarantined", "deferred", "deleted", "superseded",
-                            "lost", "edge_changes", "edges_confirmed", "attributes_changed")}
+            **{
+                name: getattr(mine, name) + getattr(theirs, name)
+                for name in (
+                    "enriched",
+                    "partial",
+                    "failed",
+                    "quarantined",
+                    "deferred",
+                    "deleted",
+                    "superseded",
+                    "lost",
+                    "edge_changes",
+                    "edges_confirmed",
+                    "attributes_changed",
+                )
+            }
         )
 
 
@@ -133,8 +146,11 @@ class Walker:
             self._classify(state, key, memo[key])
         await self._walk(effective, roots, memo, report)
 
-        hops = [(t, i, f.body) for (t, i), f in memo.items()
-                if f.status == "found" and f.body is not None and (t, i) not in roots and not isinstance(f, _Reused)]
+        hops = [
+            (t, i, f.body)
+            for (t, i), f in memo.items()
+            if f.status == "found" and f.body is not None and (t, i) not in roots and not isinstance(f, _Reused)
+        ]
         for entity_type_, entity_id, body in hops:
             self._pending[(entity_type_, entity_id)] = body
         now = self.store.now()
@@ -158,8 +174,11 @@ class Walker:
         """Store a recorded walk's outcomes with their edges and release the claims (one transaction),
         then make the settled roots whose paths went through a root whose attributes changed due again."""
         effective = self.policy.effective(walk.entity_type)
-        retry = RetryPolicy(max_attempts=effective.max_attempts, base_delay=effective.retry_base_delay,
-                            max_delay=effective.retry_max_delay)
+        retry = RetryPolicy(
+            max_attempts=effective.max_attempts,
+            base_delay=effective.retry_base_delay,
+            max_delay=effective.retry_max_delay,
+        )
         report = walk.report
         report.result = await asyncio.to_thread(self.store.finish, owner, walk.outcomes, retry)
         roots = {o.key for o in walk.outcomes}
@@ -172,15 +191,17 @@ class Walker:
             report.changed.update(change.ends)
         return report
 
-    async def _hydrate(self, entity_type: str, ids: Sequence[str], memo: dict[EntityKey, Fetched],
-                       report: WalkReport) -> None:
+    async def _hydrate(
+        self, entity_type: str, ids: Sequence[str], memo: dict[EntityKey, Fetched], report: WalkReport
+    ) -> None:
         needed = [i for i in dict.fromkeys(ids) if (entity_type, i) not in memo]
         if not needed:
             return
         ttl = self.policy.effective(entity_type).hydration_ttl
         pending = {i: self._pending[(entity_type, i)] for i in needed if (entity_type, i) in self._pending}
         fresh = pending | await asyncio.to_thread(
-            self.store.fresh_attributes, entity_type, [i for i in needed if i not in pending], ttl)
+            self.store.fresh_attributes, entity_type, [i for i in needed if i not in pending], ttl
+        )
         for entity_id, attributes in fresh.items():
             memo[(entity_type, entity_id)] = _Reused("found", attributes)
         report.cache_hits += len(fresh)
@@ -209,13 +230,18 @@ class Walker:
         ttl = self.policy.effective(entity_type).hydration_ttl
         return await asyncio.to_thread(self.store.prefetchable, entity_type, limit=spare, exclude=exclude, ttl=ttl)
 
-    async def _walk(self, effective: EffectivePolicy, roots: dict[EntityKey, _RootState],
-                    memo: dict[EntityKey, Fetched], report: WalkReport) -> None:
+    async def _walk(
+        self,
+        effective: EffectivePolicy,
+        roots: dict[EntityKey, _RootState],
+        memo: dict[EntityKey, Fetched],
+        report: WalkReport,
+    ) -> None:
         # frontier[(root, rule index)] = trails from the root whose last entity was found
         frontier: dict[tuple[EntityKey, int], list[Trail]] = {
             (key, index): [(key,)]
-            for key, state in roots.items() if state.error is None and state.unavailable is None
-            and memo[key].status == "found"
+            for key, state in roots.items()
+            if state.error is None and state.unavailable is None and memo[key].status == "found"
             for index in range(len(effective.edges))
         }
         done: dict[tuple[EntityKey, int], list[Trail]] = {}
@@ -247,7 +273,9 @@ class Walker:
             relation = effective.edges[index].relation
             for trail in trails:
                 dst_type, dst_id = trail[-1]
-                roots[root].edges.setdefault((relation, dst_type, dst_id), DerivedEdge(relation, dst_type, dst_id, trail))
+                roots[root].edges.setdefault(
+                    (relation, dst_type, dst_id), DerivedEdge(relation, dst_type, dst_id, trail)
+                )
 
     @staticmethod
     def _classify(state: _RootState, key: EntityKey, fetched: Fetched) -> bool:
@@ -272,12 +300,18 @@ class Walker:
         if state.unavailable:
             source = self.pool.client_for(claim.entity_type)
             wait = max(source.breaker.reset_seconds, 5.0)
-            return Outcome.of(claim, "deferred", attributes=attributes, error=state.unavailable,
-                              retry_at=now + timedelta(seconds=wait))
+            return Outcome.of(
+                claim,
+                "deferred",
+                attributes=attributes,
+                error=state.unavailable,
+                retry_at=now + timedelta(seconds=wait),
+            )
         edges = tuple(state.edges.values())
         if state.waiting_on:
-            return Outcome.of(claim, "partial", attributes=attributes, edges=edges,
-                              waiting_on=tuple(sorted(state.waiting_on)))
+            return Outcome.of(
+                claim, "partial", attributes=attributes, edges=edges, waiting_on=tuple(sorted(state.waiting_on))
+            )
         return Outcome.of(claim, "enriched", attributes=attributes, edges=edges)
 
     def _references(self, memo: dict[EntityKey, Fetched]) -> dict[EntityKey, list[ReferenceFact]]:

@@ -6,6 +6,18 @@ from enrichment_assets.search.reconcile import ReconcileReport, reconcile
 from enrichment_assets.search.sync import IndexReport, actions_for, rebuild_index, sync_changed, sync_index
 
 __all__ = [
-    "DEFAULT_ALIAS", "Action", "IndexReport", "ReconcileReport", "SearchIndex", "WriteResult", "actions_for",
-    "build_document", "document_id", "rebuild_index", "reconcile", "search_state", "sync_changed", "sync_index",
+    "DEFAULT_ALIAS",
+    "Action",
+    "IndexReport",
+    "ReconcileReport",
+    "SearchIndex",
+    "WriteResult",
+    "actions_for",
+    "build_document",
+    "document_id",
+    "rebuild_index",
+    "reconcile",
+    "search_state",
+    "sync_changed",
+    "sync_index",
 ]

@@ -67,8 +67,13 @@ def build_document(policy: Policy, source: DocumentSource) -> dict[str, Any]:
 
 
 def _relationship(
-    policy: Policy, source: DocumentSource, relation: str, direction: str, derived: bool,
-    other: tuple[str, str], path: list[list[str]] | None,
+    policy: Policy,
+    source: DocumentSource,
+    relation: str,
+    direction: str,
+    derived: bool,
+    other: tuple[str, str],
+    path: list[list[str]] | None,
 ) -> dict[str, Any]:
     return {
         "relation": relation,

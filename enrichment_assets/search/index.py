@@ -22,9 +22,9 @@ DEFAULT_ALIAS = "enrichment-entities"
 
 @dataclass
 class WriteResult:
-    written: list[tuple[str, int]] = field(default_factory=list)   # (document id, version) now in the index
-    superseded: int = 0                                             # a newer version was already there
-    failures: dict[str, str] = field(default_factory=dict)         # document id -> reason
+    written: list[tuple[str, int]] = field(default_factory=list)  # (document id, version) now in the index
+    superseded: int = 0  # a newer version was already there
+    failures: dict[str, str] = field(default_factory=dict)  # document id -> reason
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,14 @@ class Action:
 
 
 class SearchIndex:
-    def __init__(self, client: Elasticsearch, *, alias: str = DEFAULT_ALIAS, chunk_size: int = 500,
-                 max_chunk_bytes: int = 4 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        client: Elasticsearch,
+        *,
+        alias: str = DEFAULT_ALIAS,
+        chunk_size: int = 500,
+        max_chunk_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
         self.client = client
         self.alias = alias
         # A bulk request is at most chunk_size documents and max_chunk_bytes: a hub's document with
@@ -63,8 +69,10 @@ class SearchIndex:
     def ensure(self) -> None:
         """Install the template and, if the alias points nowhere yet, a first index behind it."""
         self.client.indices.put_index_template(
-            name=f"{self.alias}-template", index_patterns=[f"{self.alias}-v*"],
-            template={"settings": SETTINGS, "mappings": MAPPINGS}, priority=100,
+            name=f"{self.alias}-template",
+            index_patterns=[f"{self.alias}-v*"],
+            template={"settings": SETTINGS, "mappings": MAPPINGS},
+            priority=100,
         )
         if not self.client.indices.exists_alias(name=self.alias):
             index = self._new_index_name()
@@ -92,9 +100,14 @@ class SearchIndex:
         by_id = {a.doc_id: a for a in actions}
         target = index or self.alias
         items = helpers.streaming_bulk(
-            self.client, (a.as_bulk(target) for a in by_id.values()), chunk_size=self.chunk_size,
-            max_chunk_bytes=self.max_chunk_bytes, raise_on_error=False, raise_on_exception=False,
-            max_retries=3, initial_backoff=0.5,
+            self.client,
+            (a.as_bulk(target) for a in by_id.values()),
+            chunk_size=self.chunk_size,
+            max_chunk_bytes=self.max_chunk_bytes,
+            raise_on_error=False,
+            raise_on_exception=False,
+            max_retries=3,
+            initial_backoff=0.5,
         )
         try:
             for ok, item in items:
@@ -109,7 +122,7 @@ class SearchIndex:
 
     @staticmethod
     def _account(ok: bool, item: dict[str, Any], by_id: dict[str, Action], result: WriteResult) -> None:
-        (op, detail), = item.items()
+        ((op, detail),) = item.items()
         doc_id = detail.get("_id")
         status = detail.get("status", 0)
         if ok or (op == "delete" and status == 404):
@@ -125,7 +138,9 @@ class SearchIndex:
     def refresh(self) -> None:
         self.client.indices.refresh(index=self.alias)
 
-    def rebuild(self, actions: Iterable[Action], *, progress: Callable[[int], None] | None = None) -> tuple[str, WriteResult]:
+    def rebuild(
+        self, actions: Iterable[Action], *, progress: Callable[[int], None] | None = None
+    ) -> tuple[str, WriteResult]:
         """Fill a new index from ``actions`` and swap the alias to it atomically; drop the old ones."""
         self.ensure()
         old = self.current_indices()
@@ -146,10 +161,12 @@ class SearchIndex:
         result.written, result.superseded, result.failures = partial.written, partial.superseded, partial.failures
         self.client.indices.put_settings(index=new, settings={"refresh_interval": SETTINGS["refresh_interval"]})
         self.client.indices.refresh(index=new)
-        self.client.indices.update_aliases(actions=[
-            *({"remove": {"index": name, "alias": self.alias}} for name in old),
-            {"add": {"index": new, "alias": self.alias}},
-        ])
+        self.client.indices.update_aliases(
+            actions=[
+                *({"remove": {"index": name, "alias": self.alias}} for name in old),
+                {"add": {"index": new, "alias": self.alias}},
+            ]
+        )
         for name in old:
             self.client.indices.delete(index=name)
         return new, result
@@ -157,12 +174,26 @@ class SearchIndex:
     # -- reads ----------------------------------------------------------------------------------------
 
     def search(self, query: str, *, entity_type: str | None = None, size: int = 20) -> list[dict[str, Any]]:
-        must: list[dict[str, Any]] = [{"multi_match": {
-            "query": query, "fields": ["name^3", "entity_id", "relationships.other_name"], "lenient": True,
-        }}] if query else [{"match_all": {}}]
+        must: list[dict[str, Any]] = (
+            [
+                {
+                    "multi_match": {
+                        "query": query,
+                        "fields": ["name^3", "entity_id", "relationships.other_name"],
+                        "lenient": True,
+                    }
+                }
+            ]
+            if query
+            else [{"match_all": {}}]
+        )
         filters = [{"term": {"entity_type": entity_type}}] if entity_type else []
-        answer = self.client.search(index=self.alias, query={"bool": {"must": must, "filter": filters}}, size=size,
-                                    source_excludes=["relationships"])
+        answer = self.client.search(
+            index=self.alias,
+            query={"bool": {"must": must, "filter": filters}},
+            size=size,
+            source_excludes=["relationships"],
+        )
         return [hit["_source"] for hit in answer["hits"]["hits"]]
 
     def versions(self, doc_ids: list[str]) -> dict[str, int]:
@@ -173,12 +204,15 @@ class SearchIndex:
         return {d["_id"]: d["_source"]["version"] for d in answer["docs"] if d.get("found")}
 
     def all_versions(self) -> Iterable[tuple[str, int]]:
-        for hit in helpers.scan(self.client, index=self.alias, query={"query": {"match_all": {}}},
-                                _source=["version"], size=2000):
+        for hit in helpers.scan(
+            self.client, index=self.alias, query={"query": {"match_all": {}}}, _source=["version"], size=2000
+        ):
             yield hit["_id"], hit["_source"]["version"]
 
     def counts_by_type(self) -> dict[str, int]:
-        answer = self.client.search(index=self.alias, size=0, aggs={"types": {"terms": {"field": "entity_type", "size": 1000}}})
+        answer = self.client.search(
+            index=self.alias, size=0, aggs={"types": {"terms": {"field": "entity_type", "size": 1000}}}
+        )
         return {b["key"]: b["doc_count"] for b in answer["aggregations"]["types"]["buckets"]}
 
     def delete_documents(self, doc_ids: Iterable[str]) -> int:

@@ -36,11 +36,20 @@ class ReconcileReport:
     @property
     def in_sync(self) -> bool:
         return not (self.missing or self.stale or self.ahead or self.extra) and all(
-            a == b for a, b in self.counts.values())
+            a == b for a, b in self.counts.values()
+        )
 
 
-def reconcile(store: FactStore, index: SearchIndex, policy: Policy, *, exact: bool = False, sample: int = 200,
-              repair: bool = False, rng: random.Random | None = None) -> ReconcileReport:
+def reconcile(
+    store: FactStore,
+    index: SearchIndex,
+    policy: Policy,
+    *,
+    exact: bool = False,
+    sample: int = 200,
+    repair: bool = False,
+    rng: random.Random | None = None,
+) -> ReconcileReport:
     index.refresh()
     report = ReconcileReport()
     expected: dict[str, tuple[EntityKey, int]] = {}
@@ -54,8 +63,9 @@ def reconcile(store: FactStore, index: SearchIndex, policy: Policy, *, exact: bo
         expected[doc_id] = ((etype, eid), version)
         store_counts[etype] = store_counts.get(etype, 0) + 1
     indexed_counts = index.counts_by_type()
-    report.counts = {t: (store_counts.get(t, 0), indexed_counts.get(t, 0))
-                     for t in sorted(set(store_counts) | set(indexed_counts))}
+    report.counts = {
+        t: (store_counts.get(t, 0), indexed_counts.get(t, 0)) for t in sorted(set(store_counts) | set(indexed_counts))
+    }
     if exact:
         indexed = dict(index.all_versions())
         report.extra = sorted(d for d in indexed if d not in expected)

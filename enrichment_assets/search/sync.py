@@ -62,8 +62,9 @@ def sync_index(store: FactStore, policy: Policy, index: SearchIndex, *, batch_si
     return report
 
 
-def sync_changed(store: FactStore, policy: Policy, index: SearchIndex, keys: Iterable[EntityKey], *,
-                 batch_size: int = 1000) -> tuple[IndexReport, IndexReport | None]:
+def sync_changed(
+    store: FactStore, policy: Policy, index: SearchIndex, keys: Iterable[EntityKey], *, batch_size: int = 1000
+) -> tuple[IndexReport, IndexReport | None]:
     """Write ``keys``' documents now, then drain the rest of the outbox unless another process is.
 
     What a run changed becomes searchable without queueing behind other runs. The rest (other ends of
@@ -80,8 +81,9 @@ def sync_changed(store: FactStore, policy: Policy, index: SearchIndex, keys: Ite
     return own, _drain_outbox(store, policy, index, batch_size=batch_size, wait=False)
 
 
-def _drain_outbox(store: FactStore, policy: Policy, index: SearchIndex, *, batch_size: int,
-                  wait: bool) -> IndexReport | None:
+def _drain_outbox(
+    store: FactStore, policy: Policy, index: SearchIndex, *, batch_size: int, wait: bool
+) -> IndexReport | None:
     """Drain under the outbox lock (waiting for it, or only if free), then look again after letting it
     go: whatever a process enqueued while failing to take the lock is drained here. None if the lock
     was never free."""
@@ -125,8 +127,14 @@ def _write(store: FactStore, policy: Policy, index: SearchIndex, keys: list[Enti
     return len(result.written)
 
 
-def rebuild_index(store: FactStore, policy: Policy, index: SearchIndex, *, batch_size: int = 1000,
-                  progress: Callable[[int], None] | None = None) -> tuple[str, IndexReport]:
+def rebuild_index(
+    store: FactStore,
+    policy: Policy,
+    index: SearchIndex,
+    *,
+    batch_size: int = 1000,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[str, IndexReport]:
     """Build a new index from the whole fact store and swap the alias to it; searches keep answering.
 
     Incremental syncs that run meanwhile write to the old index. So once the alias has moved, every
@@ -149,8 +157,11 @@ def rebuild_index(store: FactStore, policy: Policy, index: SearchIndex, *, batch
     new_index, result = index.rebuild(actions(), progress=progress)
     written = dict(result.written)
     store.mark_indexed([(ids[doc_id], version) for doc_id, version in written.items()])
-    behind = [(t, i) for t, i, version, state in store.document_versions()
-              if state != "deleted" and written.get(document_id(t, i), 0) < version]
+    behind = [
+        (t, i)
+        for t, i, version, state in store.document_versions()
+        if state != "deleted" and written.get(document_id(t, i), 0) < version
+    ]
     store.requeue_for_index(behind)
     report = sync_index(store, policy, index)
     report.indexed += len(written)

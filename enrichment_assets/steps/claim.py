@@ -36,8 +36,15 @@ def claim_candidates(
     claims: list[Claim] = []
     while limit is None or len(claims) < limit:
         want = batch_size if limit is None else min(batch_size, limit - len(claims))
-        batch = store.claim(entity_type, limit=want, owner=owner, lease=lease, window=window,
-                            refresh_before=refresh_before, force=recompute)
+        batch = store.claim(
+            entity_type,
+            limit=want,
+            owner=owner,
+            lease=lease,
+            window=window,
+            refresh_before=refresh_before,
+            force=recompute,
+        )
         claims += batch
         if len(batch) < want:
             break

@@ -76,12 +76,22 @@ async def enrich_type(
     try:
         while max_batches is None or rounds < max_batches:
             claims = await asyncio.to_thread(
-                claim_candidates, store, policy, entity_type, owner=owner, lease=lease, limit=batch_size,
-                batch_size=batch_size, window=window, refresh=refresh)
+                claim_candidates,
+                store,
+                policy,
+                entity_type,
+                owner=owner,
+                lease=lease,
+                limit=batch_size,
+                batch_size=batch_size,
+                window=window,
+                refresh=refresh,
+            )
             if not claims:
                 break
-            walks = await walk_claims(store, policy, pool, entity_type, claims, owner=owner,
-                                      batch_size=batch_size, lease=lease)
+            walks = await walk_claims(
+                store, policy, pool, entity_type, claims, owner=owner, batch_size=batch_size, lease=lease
+            )
             for walk in walks:
                 report.fetched += walk.report.fetched
                 report.cache_hits += walk.report.cache_hits
@@ -127,8 +137,9 @@ def enrich_once(
     return _run_cycle(store, policy, index=index, owner=owner or lease_owner(), **kwargs)
 
 
-def _run_cycle(store: FactStore, policy: Policy, *, index: SearchIndex | None, owner: str,
-               **kwargs: Any) -> CycleResult:
+def _run_cycle(
+    store: FactStore, policy: Policy, *, index: SearchIndex | None, owner: str, **kwargs: Any
+) -> CycleResult:
     indexed = IndexReport() if index is not None else None
 
     async def run() -> CycleResult:
@@ -160,8 +171,9 @@ def enrich_with_workers(
     return _merge(results)
 
 
-def _worker(database_url: str, policy: Policy, elasticsearch_url: str | None, index_alias: str | None,
-            kwargs: dict[str, Any]) -> CycleResult:
+def _worker(
+    database_url: str, policy: Policy, elasticsearch_url: str | None, index_alias: str | None, kwargs: dict[str, Any]
+) -> CycleResult:
     store = FactStore.from_url(database_url)
     index = SearchIndex.from_url(elasticsearch_url, alias=index_alias) if elasticsearch_url else None
     try:

@@ -68,7 +68,11 @@ def upgrade() -> None:
         sa.Column("retracted_at", UTCDateTime, nullable=True),
         sa.PrimaryKeyConstraint("edge_id", name="pk_edges"),
         sa.UniqueConstraint(
-            "src_type", "src_id", "relation", "dst_type", "dst_id",
+            "src_type",
+            "src_id",
+            "relation",
+            "dst_type",
+            "dst_id",
             name="uq_edges_src_type_src_id_relation_dst_type_dst_id",
         ),
         sa.CheckConstraint(sa.column("kind").in_(("deterministic", "inferred")), name="ck_edges_kind"),

@@ -25,16 +25,25 @@ def upgrade() -> None:
         batch.add_column(sa.Column("claim_owner", sa.String(128), nullable=True))
         batch.add_column(sa.Column("claim_expires_at", UTCDateTime, nullable=True))
     op.create_index(
-        "ix_entities_pending_due", "entities", ["entity_type", "next_attempt_at", "first_seen_at"],
-        postgresql_where=SCHEDULED, sqlite_where=SCHEDULED,
+        "ix_entities_pending_due",
+        "entities",
+        ["entity_type", "next_attempt_at", "first_seen_at"],
+        postgresql_where=SCHEDULED,
+        sqlite_where=SCHEDULED,
     )
     op.create_index(
-        "ix_entities_pending_age", "entities", ["entity_type", "first_seen_at"],
-        postgresql_where=PENDING, sqlite_where=PENDING,
+        "ix_entities_pending_age",
+        "entities",
+        ["entity_type", "first_seen_at"],
+        postgresql_where=PENDING,
+        sqlite_where=PENDING,
     )
     op.create_index(
-        "ix_entities_enriched_refresh", "entities", ["entity_type", "last_enriched_at"],
-        postgresql_where=ENRICHED, sqlite_where=ENRICHED,
+        "ix_entities_enriched_refresh",
+        "entities",
+        ["entity_type", "last_enriched_at"],
+        postgresql_where=ENRICHED,
+        sqlite_where=ENRICHED,
     )
 
 
@@ -46,4 +55,3 @@ def downgrade() -> None:
         batch.drop_column("claim_expires_at")
         batch.drop_column("claim_owner")
         batch.drop_column("waiting_on")
-

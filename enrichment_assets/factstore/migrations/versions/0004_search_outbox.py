@@ -24,8 +24,7 @@ def upgrade() -> None:
     with op.batch_alter_table("entities") as batch:
         batch.add_column(sa.Column("doc_version", sa.BigInteger, nullable=False, server_default="1"))
         batch.add_column(sa.Column("indexed_version", sa.BigInteger, nullable=False, server_default="0"))
-    op.create_index("ix_entities_index_due", "entities", ["entity_type"],
-                    postgresql_where=BEHIND, sqlite_where=BEHIND)
+    op.create_index("ix_entities_index_due", "entities", ["entity_type"], postgresql_where=BEHIND, sqlite_where=BEHIND)
 
 
 def downgrade() -> None:
