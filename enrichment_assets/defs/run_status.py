@@ -16,8 +16,12 @@ RELEASE_ON = {
     "leases_of_failed_runs": dg.DagsterRunStatus.FAILURE,
     "leases_of_canceled_runs": dg.DagsterRunStatus.CANCELED,
 }
-IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-             dg.DagsterRunStatus.STARTED]
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
 
 
 def lease_owner(run: dg.DagsterRun) -> str:
@@ -40,7 +44,10 @@ def build_lease_release_sensors() -> list[dg.SensorDefinition]:
 
 def _sensor(name: str, status: dg.DagsterRunStatus) -> dg.SensorDefinition:
     @dg.run_status_sensor(
-        name=name, run_status=status, minimum_interval_seconds=15, default_status=dg.DefaultSensorStatus.RUNNING,
+        name=name,
+        run_status=status,
+        minimum_interval_seconds=15,
+        default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Releases the claims of every run that ends {status.value.lower()} (a killed run worker, a "
         "cancel in the UI), unless a re-execution of it is queued or running, so its entities are enriched by "
         "the next run instead of waiting out their 30-minute lease.",

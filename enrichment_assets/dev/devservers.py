@@ -12,13 +12,13 @@ import ctypes
 import os
 import platform
 import shutil
-import socket
 import signal
+import socket
 import subprocess
 import sys
+import warnings
 from functools import partial
 from importlib.resources import files
-import warnings
 from pathlib import Path
 from types import TracebackType
 
@@ -72,14 +72,21 @@ class LocalPostgres:
         if platform.system() != "Windows" and os.geteuid() == 0:
             self._run_unprivileged(POSTGRES_BIN_PATH)
         if not (self.data_dir / "PG_VERSION").exists():
-            initdb(["--auth=trust", "--encoding=utf8", "--no-sync", "-U", "postgres"],
-                   pgdata=self.data_dir, user=self._user)
+            initdb(
+                ["--auth=trust", "--encoding=utf8", "--no-sync", "-U", "postgres"],
+                pgdata=self.data_dir,
+                user=self._user,
+            )
         options = f"-h 127.0.0.1 -p {self.port} -k {self.data_dir} -c max_connections=200"
         if not self.durable:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         try:
-            pg_ctl(["-w", "-t", "60", "-o", options, "-l", str(self.data_dir / "server.log"), "start"],
-                   pgdata=self.data_dir, user=self._user, timeout=90)
+            pg_ctl(
+                ["-w", "-t", "60", "-o", options, "-l", str(self.data_dir / "server.log"), "start"],
+                pgdata=self.data_dir,
+                user=self._user,
+                timeout=90,
+            )
         except subprocess.CalledProcessError as error:
             log = (self.data_dir / "server.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"PostgreSQL did not start on port {self.port}:\n{log}") from error
@@ -145,9 +152,19 @@ class LocalElasticsearch:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = (self.data_dir / "server.log").open("wb")
         self._process = subprocess.Popen(
-            [str(executable), "start", "--only", "elasticsearch", "--elasticsearch-port", str(self.port),
-             "--data-dir", str(self.data_dir)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(executable),
+                "start",
+                "--only",
+                "elasticsearch",
+                "--elasticsearch-port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             preexec_fn=partial(die_with_parent, os.getpid()),
         )
         deadline = time.monotonic() + 60

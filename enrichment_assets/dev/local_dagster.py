@@ -62,8 +62,13 @@ def instance_config(*, max_concurrent_runs: int = 4, postgres_url: str | None = 
     }
     if postgres_url:
         # storage: postgres, with its connections pooled (see dagster_storage.py).
-        config["storage"] = {"custom": {"module": "enrichment_assets.dev.dagster_storage", "class": "PooledPostgresStorage",
-                                        "config": {"postgres_url": postgres_url}}}
+        config["storage"] = {
+            "custom": {
+                "module": "enrichment_assets.dev.dagster_storage",
+                "class": "PooledPostgresStorage",
+                "config": {"postgres_url": postgres_url},
+            }
+        }
     return config
 
 
@@ -106,8 +111,11 @@ class LocalDagster:
 
     def start(self, *, timeout: float = 120) -> LocalDagster:
         self.home.mkdir(parents=True, exist_ok=True)
-        (self.home / "dagster.yaml").write_text(yaml.safe_dump(
-            instance_config(max_concurrent_runs=self.max_concurrent_runs, postgres_url=self.postgres_url)))
+        (self.home / "dagster.yaml").write_text(
+            yaml.safe_dump(
+                instance_config(max_concurrent_runs=self.max_concurrent_runs, postgres_url=self.postgres_url)
+            )
+        )
         # Create the instance's storage here, once: Dagster creates and stamps a fresh SQLite database
         # without a lock, so webserver, code server and daemon starting together on an empty home can
         # stamp it twice, after which none of them opens it ("more than one head").
@@ -117,15 +125,41 @@ class LocalDagster:
             pass
         bin_dir = Path(sys.executable).parent
         # `dagster api grpc` whose run workers fork from a warm process (see codeserver.py).
-        self._spawn("code-server", [sys.executable, "-m", "enrichment_assets.dev.codeserver", *self._code_location_args(),
-                                    "--host", "127.0.0.1", "--port", str(self.code_server_port)])
+        self._spawn(
+            "code-server",
+            [
+                sys.executable,
+                "-m",
+                "enrichment_assets.dev.codeserver",
+                *self._code_location_args(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.code_server_port),
+            ],
+        )
         try:
             self._wait_code_server(timeout=timeout)
             workspace = self.home / "workspace.yaml"
-            workspace.write_text(yaml.safe_dump({"load_from": [{"grpc_server": {
-                "host": "127.0.0.1", "port": self.code_server_port, "location_name": LOCATION}}]}))
-            self._spawn("webserver", [str(bin_dir / "dagster-webserver"), "-w", str(workspace), "-h", "127.0.0.1",
-                                      "-p", str(self.port)])
+            workspace.write_text(
+                yaml.safe_dump(
+                    {
+                        "load_from": [
+                            {
+                                "grpc_server": {
+                                    "host": "127.0.0.1",
+                                    "port": self.code_server_port,
+                                    "location_name": LOCATION,
+                                }
+                            }
+                        ]
+                    }
+                )
+            )
+            self._spawn(
+                "webserver",
+                [str(bin_dir / "dagster-webserver"), "-w", str(workspace), "-h", "127.0.0.1", "-p", str(self.port)],
+            )
             self._spawn("daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)])
             self.wait_loaded(timeout=timeout)
         except BaseException:
@@ -141,10 +175,17 @@ class LocalDagster:
 
     def _spawn(self, name: str, command: list[str]) -> None:
         log = (self.home / f"{name}.log").open("ab")
-        self._processes.append(subprocess.Popen(
-            command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=partial(die_with_parent, os.getpid()),
-        ))
+        self._processes.append(
+            subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=partial(die_with_parent, os.getpid()),
+            )
+        )
         self._names.append(name)
         self._commands[name] = command
 
@@ -200,7 +241,9 @@ class LocalDagster:
                 entry = next(e for e in entries if e["name"] == LOCATION)
                 if entry["loadStatus"] == "LOADED":
                     if entry["locationOrLoadError"]["__typename"] == "PythonError":
-                        raise RuntimeError(f"the code location failed to load: {entry['locationOrLoadError']['message']}")
+                        raise RuntimeError(
+                            f"the code location failed to load: {entry['locationOrLoadError']['message']}"
+                        )
                     return
                 last = entry["loadStatus"]
             except (httpx.HTTPError, StopIteration, KeyError, TypeError):
@@ -209,8 +252,9 @@ class LocalDagster:
         raise TimeoutError(f"Dagster did not load {LOCATION} within {timeout:.0f}s ({last}); see {self.home}/*.log")
 
     def graphql(self, query: str, variables: Mapping[str, Any] | None = None, *, timeout: float = 60) -> dict[str, Any]:
-        response = httpx.post(f"{self.url}/graphql", json={"query": query, "variables": dict(variables or {})},
-                              timeout=timeout)
+        response = httpx.post(
+            f"{self.url}/graphql", json={"query": query, "variables": dict(variables or {})}, timeout=timeout
+        )
         response.raise_for_status()
         body = response.json()
         if body.get("errors"):
@@ -239,8 +283,9 @@ class LocalDagster:
     def __enter__(self) -> LocalDagster:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
