@@ -297,6 +297,7 @@ def test_four_runs_of_one_partition_at_once_beside_the_sensor(bed: Testbed) -> N
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="a run's hydrated steps all run before its first edges step, and a root's "
     "hydration is stored only when its branch settles, so later branches fetch those roots again as "
     "hops (ab_test, dataset, feature, model): see bench/RESULTS-faults.md",
@@ -426,12 +427,14 @@ OUTAGES: dict[str, dict[str, Any]] = {}
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="SourcesResource.pool() builds a SourcePool, and so circuit breakers, for "
     "every hydrated step: a run whose steps reach a dead source pays the breaker's threshold once per "
     "step, not once per process; see bench/RESULTS-faults.md",
 )
 def test_a_dead_source_costs_one_breaker_per_run_process() -> None:
-    assert OUTAGES, "runs after the outage tests"
+    if not OUTAGES:
+        pytest.skip("reads what the outage tests of this session saw")
     source = MDS.sources[DEAD]
     for how, seen in OUTAGES.items():
         per_run: Counter[str] = Counter()
