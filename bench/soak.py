@@ -51,9 +51,9 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
 from pathlib import Path
@@ -66,13 +66,15 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from staleness import (
     DAGSTER,
+    IN_FLIGHT,
+    NDJSON,
     ROOT_TYPE,
     Ingest,
     Servers,
     Watcher,
     _failure,
-    _paced,
     _proc_table,
+    body,
     derived_edges,
     drain,
     process_roles,
@@ -104,7 +106,7 @@ API = "API server (enrichment serve)"  # staleness.py's name for the role
 DAEMON, WEBSERVER, CODE_SERVER, WORKERS = "Dagster daemon", "Dagster webserver", "Dagster code server", "run workers"
 MEMORY_ROLES = (API, DAEMON, CODE_SERVER)  # summed over their processes; run workers are per worker
 FORKSERVER = "multiprocessing.forkserver"
-IN_FLIGHT = ["QUEUED", "NOT_STARTED", "STARTING", "STARTED"]
+RUNS_IN_FLIGHT = ["QUEUED", "NOT_STARTED", "STARTING", "STARTED"]
 ENDED = {"SUCCESS", "FAILURE", "CANCELED"}
 
 RUNS_QUERY = """
@@ -168,13 +170,88 @@ class Stream:
         return cls(events, revisions)
 
 
+@dataclass
+class Sent:
+    """What the sender saw: per event the API's status (0 until answered, -1 when its connection failed
+    three times), the source revision set per entity, and how many events it has started."""
+
+    ingest: Ingest
+    statuses: list[int]
+    applied: dict[tuple[str, str], int] = field(default_factory=dict)
+    mutation_failures: list[str] = field(default_factory=list)
+    started: int = 0
+
+
+async def send(api_url: str, sim_url: str, stream: Stream, sent: Sent, expect: Callable[[str], None]) -> None:
+    """staleness.py's open-loop schedule (each event in its own task at its due time, latency from that
+    time), with two differences a long run needs. At most ``IN_FLIGHT`` requests are handed to httpx at
+    once, the rest wait on a semaphore: httpx's pool scans every queued request each time one is added or
+    finishes (httpcore 1.0.9, ``AsyncConnectionPool._assign_requests_to_connections``), so a backlog of
+    thousands, which one slow minute on a shared machine builds, made the sender itself CPU-bound, and it
+    never caught up. And an update first sets the entity's revision at the source, awaited in its task,
+    so the event loop never blocks on it."""
+    ingest, total = sent.ingest, len(stream.events)
+    ingest.sent_at, ingest.latency, ingest.late = [0.0] * total, [0.0] * total, [0.0] * total
+    slots = asyncio.Semaphore(IN_FLIGHT)
+    limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
+    async with (
+        httpx.AsyncClient(base_url=api_url, timeout=60, limits=limits) as api,
+        httpx.AsyncClient(base_url=sim_url, timeout=10, limits=limits) as sim,
+    ):
+
+        async def one(index: int, due: float) -> None:
+            event, revision = stream.events[index], stream.revisions[index]
+            key = (event["entity_type"], event["entity_id"])
+            ingest.sent_at[index], ingest.late[index] = time.time(), time.perf_counter() - due
+            async with slots:
+                mutating = time.perf_counter()
+                if revision:
+                    # The source changes first, then says so: the event's enrichment must see the change.
+                    change = {"entity_type": key[0], "id": key[1], "set": {REVISION: revision}}
+                    try:
+                        (await sim.post("/admin/mutate", json=change)).raise_for_status()
+                        sent.applied[key] = revision
+                    except httpx.HTTPError as error:
+                        sent.mutation_failures.append(f"{key}: {error!r}"[:200])
+                elif key[0] == ROOT_TYPE:
+                    expect(key[1])
+                mutating = time.perf_counter() - mutating
+                for attempt in range(3):
+                    try:
+                        response = await api.post("/v1/events", content=body(event), headers=NDJSON)
+                        sent.statuses[index] = response.status_code
+                        break
+                    except httpx.TransportError:  # a reset or keep-alive race: events are idempotent
+                        sent.statuses[index] = -1
+                        if attempt < 2:
+                            ingest.retries += 1
+            ingest.latency[index] = time.perf_counter() - due - mutating
+            ingest.errors += sent.statuses[index] != 202
+
+        tasks: set[asyncio.Task[None]] = set()
+        ingest.started_at = time.time()
+        start = time.perf_counter() + 0.2
+        for index in range(total):
+            due = start + index / ingest.rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(index, due))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            sent.started = index + 1
+        await asyncio.gather(*tasks)
+        ingest.wall = time.perf_counter() - start
+
+
 # -- samples ----------------------------------------------------------------------------------------
 
 
 @dataclass
 class Sample:
     t: float  # seconds since the stream started
-    sent: int
+    sent: int  # events whose task has started
+    answered: int  # events the API has answered
     rss: dict[str, float]  # MB per role, summed over its processes
     workers: dict[int, float]  # MB per run worker alive
     cpu: dict[str, float]  # CPU seconds so far per role, and the machine's
@@ -261,7 +338,7 @@ class Sampler(threading.Thread):
         }
         self.samples: list[Sample] = []
         self.errors: list[str] = []
-        self.sent = 0
+        self.progress_of: Sent | None = None
         self.started_at = time.time()
         self.outage: dict[str, Any] = {}
         self._done = threading.Event()
@@ -282,7 +359,8 @@ class Sampler(threading.Thread):
     def progress(self, s: Sample) -> None:
         """A line a minute, for whoever follows the log."""
         console.print(
-            f"{s.t / 60:5.1f} min: {s.sent:,} sent, {s.pending:,} to enrich, {s.outbox:,} to index, "
+            f"{s.t / 60:5.1f} min: {s.sent:,} sent, {s.answered:,} answered, {s.pending:,} to enrich, "
+            f"{s.outbox:,} to index, "
             f"{s.deferred:,} deferred, {s.runs_in_flight} runs in flight, {s.leased:,} leased "
             f"({s.held} held past expiry, {s.orphaned} orphaned), PostgreSQL connections {s.connections}, "
             f"RSS MB " + ", ".join(f"{role} {s.rss.get(role, 0):.0f}" for role in (*MEMORY_ROLES, WORKERS))
@@ -328,11 +406,12 @@ class Sampler(threading.Thread):
                     .group_by(activity.c.datname)
                 ).all()
             )
-        in_flight = self.runs({"statuses": IN_FLIGHT})
+        in_flight = self.runs({"statuses": RUNS_IN_FLIGHT})
         statuses = httpx.get(f"{self.servers.sim_url}/admin/stats", timeout=10).json()["sources"]
         return Sample(
             t,
-            self.sent,
+            self.progress_of.started if self.progress_of else 0,
+            len(self.progress_of.statuses) - self.progress_of.statuses.count(0) if self.progress_of else 0,
             rss,
             workers,
             cpu,
@@ -407,13 +486,13 @@ class Window:
         return f"{self.name} ({self.start / 60:g}-{self.end / 60:g} min)"
 
 
-def check_events(
-    engine: sa.Engine, stream: Stream, ingest: Ingest, applied: Mapping[tuple[str, str], int]
-) -> dict[str, Any]:
-    """Every entity sent, against the store: its latest event applied, enriched since, latest revision."""
+def check_events(engine: sa.Engine, stream: Stream, sent: Sent) -> dict[str, Any]:
+    """Every entity with an event answered 202, against the store: its latest such event applied,
+    enriched since it was sent, and the source's latest revision stored."""
+    ingest, applied = sent.ingest, sent.applied
     latest: dict[tuple[str, str], int] = {}
     for index, event in enumerate(stream.events):
-        if ingest.sent_at[index]:
+        if sent.statuses[index] == 202:
             latest[(event["entity_type"], event["entity_id"])] = index
     problems: dict[str, list[str]] = defaultdict(list)
     states: Counter[str] = Counter()
@@ -463,11 +542,11 @@ def check_events(
                     ):
                         problems["not enriched since its latest event"].append(f"{name}: {state} {error or ''}"[:200])
                     elif applied.get(key, 0) != (revision or 0):
-                        sent = ingest.sent_at[index]
+                        posted = ingest.sent_at[index]
                         problems["source's latest revision not stored"].append(
                             f"{name}: revision {revision} stored, {applied.get(key, 0)} sent; relative to the "
-                            f"event's POST, hydrated_at {hydrated_at.timestamp() - sent:+.1f} s, last_enriched_at "
-                            f"{enriched_at.timestamp() - sent:+.1f} s"
+                            f"event's POST, hydrated_at {hydrated_at.timestamp() - posted:+.1f} s, last_enriched_at "
+                            f"{enriched_at.timestamp() - posted:+.1f} s"
                         )
     return {
         "entities": len(latest),
@@ -825,38 +904,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         dagster_started = time.time()
         watcher = stack.enter_context(Watcher(servers.es_url, servers.alias, servers.facts_url))
         sampler = Sampler(servers, dagster, interval=args.sample_seconds, outage_source=args.outage_source)
-        mutations = stack.enter_context(httpx.Client(base_url=servers.sim_url, timeout=10))
-        applied: dict[tuple[str, str], int] = {}
-        mutation_failures: list[str] = []
+        sent = Sent(Ingest("soak", args.rate), [0] * len(stream.events))
+        sampler.progress_of = sent
 
-        def on_sent(index: int, at: float) -> None:
-            event, revision = stream.events[index], stream.revisions[index]
-            key = (event["entity_type"], event["entity_id"])
-            if revision:
-                # The source changes first, then says so: the event's enrichment must see the change.
-                try:
-                    mutations.post(
-                        "/admin/mutate", json={"entity_type": key[0], "id": key[1], "set": {REVISION: revision}}
-                    ).raise_for_status()
-                    applied[key] = revision
-                except httpx.HTTPError as error:
-                    mutation_failures.append(f"{key}: {error!r}"[:200])
-            elif expected.get(key[1]) and key[0] == ROOT_TYPE:
-                watcher.expect(key[1], expected[key[1]])
+        def expect(entity_id: str) -> None:
+            if expected.get(entity_id):
+                watcher.expect(entity_id, expected[entity_id])
 
-        def progress(index: int) -> None:
-            sampler.sent = index
-
-        ingest = Ingest("soak", args.rate)
-        transport_failure = None
         sampler.started_at = time.time()
         sampler.start()
         with scheduled(outage_at, sampler.start_outage, outage), scheduled(outage_at + outage, sampler.end_outage):
-            try:
-                asyncio.run(_paced(servers.api_url, stream.events, ingest, on_sent, progress))
-            except httpx.TransportError as error:  # a POST failed three times; the rest were sent
-                transport_failure = repr(error)
-        sampler.sent = len(stream.events)
+            asyncio.run(send(servers.api_url, servers.sim_url, stream, sent, expect))
         stream_seconds = time.time() - sampler.started_at
         console.print(f"stream done in {stream_seconds / 60:.1f} min; settling")
         settled = drain(servers.store, args.settle_minutes * 60)
@@ -864,11 +922,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         visible = dict(watcher.collect())
         sampler.stop()
         with console.status("checking every entity sent, reading Dagster's record"):
-            lost = check_events(servers.store.engine, stream, ingest, applied)
+            lost = check_events(servers.store.engine, stream, sent)
             runs = runs_summary(sampler, dagster_started - 5)
             done = outcomes(dagster, sampler.started_at)
 
     samples = sampler.samples
+    ingest, applied, mutation_failures = sent.ingest, sent.applied, sent.mutation_failures
     stream_samples = [s for s in samples if s.t <= stream_seconds + args.sample_seconds]
     staleness: dict[str, list[float]] = defaultdict(list)
     outage_window = Window(
@@ -878,10 +937,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         entity_id = event["entity_id"]
         if event["entity_type"] != ROOT_TYPE or stream.revisions[index] or not expected.get(entity_id):
             continue
-        sent = ingest.sent_at[index]
-        seconds = visible[entity_id] - sent if entity_id in visible else math.inf
+        posted = ingest.sent_at[index]
+        seconds = visible[entity_id] - posted if entity_id in visible else math.inf
         for window in (first, last, outage_window, Window("all", 0, math.inf)):
-            if sent - sampler.started_at in window:
+            if posted - sampler.started_at in window:
                 staleness[window.name].append(seconds)
     targets = evaluate(stream_samples, first, last, staleness, lost)
     tables: list[Table] = [
@@ -1007,8 +1066,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         *(f"[red]sampler: {e}[/red]" for e in sampler.errors[:5]),
         *(f"[red]source revision not set: {m}[/red]" for m in mutation_failures[:3]),
     ]
-    if transport_failure:
-        notes.append(f"[red]a POST failed three times: {transport_failure}[/red]")
+    if failed := sent.statuses.count(-1):
+        notes.append(f"[red]{failed:,} POSTs failed three times at the connection[/red]")
     summary = {
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([".venv/bin/python", "bench/soak.py", *(sys.argv[1:] if argv is None else argv)]),
