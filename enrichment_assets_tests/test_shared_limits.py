@@ -28,7 +28,7 @@ from enrichment_assets.api.server import BackgroundServer
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.factstore.budgets import SourceBudgets
 from enrichment_assets.factstore.schema import source_slots
-from enrichment_assets.hydration.limits import LocalLimits
+from enrichment_assets.hydration.limits import LocalLimits, RateLimiter
 from enrichment_assets.hydration.pool import SourcePool
 from enrichment_assets.hydration.shared_limits import SharedLimits
 from enrichment_assets.policy import Policy, Source, load_policy
@@ -273,3 +273,27 @@ def test_the_pool_shares_limits_only_on_postgresql(store: FactStore) -> None:
     else:
         assert limits is LocalLimits and stats["budget_round_trips"] == 0
     assert stats["requests"] == 10 and stats["budget_wait_seconds"] > 0
+
+
+@pytest.mark.parametrize("per_second", [3_000, 10_000, 100_000], ids=["3k", "10k", "100k"])
+def test_a_rate_faster_than_a_booking_round_trip_is_still_served(pg_store: FactStore, per_second: int) -> None:
+    """At high rates a span for the waiting requests is shorter than the booking's own round trip; a span
+    already over when it arrives would be dropped unused, and the next one too, so nothing ever started.
+    Spans now start no sooner than their answer can arrive."""
+    budgets = SourceBudgets(pg_store.engine)
+    limits = SharedLimits(budgets, "fast", requests_per_second=per_second, max_concurrency=8)
+
+    async def request() -> None:
+        async with limits.slot():
+            await limits.turn()
+
+    async def run() -> float:
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*(request() for _ in range(200))), timeout=20)
+        elapsed = time.monotonic() - started
+        await limits.aclose()
+        return elapsed
+
+    elapsed = asyncio.run(run())
+    assert elapsed < 5, f"200 turns at {per_second}/s took {elapsed:.1f} s"
+    assert elapsed >= 200 * RateLimiter.MARGIN / per_second * 0.9, "and never faster than the rate"

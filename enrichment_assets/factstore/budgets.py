@@ -93,7 +93,10 @@ _BOOK = (
     sa.update(source_budgets)
     .where(_B.source == _SOURCE)
     .values(
-        booked_until=sa.func.greatest(_B.booked_until, _NOW) + sa.bindparam("span", type_=sa.Interval()),
+        # A span starts no sooner than its booking can reach the caller (``lead``): a span already over
+        # when its answer arrives could only be used late, overlapping the spans booked after it.
+        booked_until=sa.func.greatest(_B.booked_until, _NOW + sa.bindparam("lead", type_=sa.Interval()))
+        + sa.bindparam("span", type_=sa.Interval()),
         rate=sa.bindparam("per_second"),
         updated_at=_NOW,
     )
@@ -179,11 +182,18 @@ class SourceBudgets:
 
         self._run(work)
 
-    def book(self, source: str, *, holder: str, count: int, interval: float) -> Booking:
-        """Book the next span for ``count`` request starts ``interval`` seconds apart; also say how
+    def book(self, source: str, *, holder: str, count: int, interval: float, lead: float = 0.0) -> Booking:
+        """Book the next span for ``count`` request starts ``interval`` seconds apart, starting ``lead``
+        seconds from now at the earliest (the time the answer takes to reach the caller); also say how
         much others want the source's slots (``holder`` is the caller)."""
         span = timedelta(seconds=count * interval)  # as stored: whole microseconds
-        params = {"for_source": source, "for_holder": holder, "span": span, "per_second": 1 / interval}
+        params = {
+            "for_source": source,
+            "for_holder": holder,
+            "span": span,
+            "lead": timedelta(seconds=max(lead, 0.0)),
+            "per_second": 1 / interval,
+        }
         row = self._run(lambda conn: conn.execute(_BOOK, params).one_or_none())
         if row is None:
             raise LookupError(f"no budget row for source {source!r}: call ensure() first")

@@ -110,8 +110,9 @@ class SharedRate:
     async def _book(self) -> None:
         try:
             # While booked spans still run, waiting until just before they end lets one booking
-            # cover every request that arrived meanwhile; the new span then follows on.
-            early = self._booked_until - self._clock() - (2 * self._round_trip + 0.002)
+            # cover every request that arrived meanwhile; the new span then follows on (booked a round trip
+            # sooner than before spans got their lead, so the lead never opens a gap between them).
+            early = self._booked_until - self._clock() - (3 * self._round_trip + 0.002)
             if early > 0:
                 await asyncio.sleep(early)
             count = min(self.max_block, self._unserved + self._ahead)
@@ -131,7 +132,9 @@ class SharedRate:
 
     def _book_now(self, count: int) -> tuple[Booking, float, float]:
         sent = self._clock()
-        booking = self._budgets.book(self._source, holder=self._holder, count=count, interval=self.interval)
+        # The answer is back about one round trip after the statement ran; twice that leaves room for jitter.
+        lead = 2 * self._round_trip
+        booking = self._budgets.book(self._source, holder=self._holder, count=count, interval=self.interval, lead=lead)
         return booking, sent, self._clock()
 
     def _learn_offset(self, database_time: float, sent: float, received: float) -> None:
