@@ -183,6 +183,7 @@ def _hydrated(policy: Policy, entity_type: str, common: dict[str, Any]) -> dg.As
                     frames.claims_of(candidates),
                     owner=_owner(context),
                     batch_size=config.batch_size,
+                    pending=sources.pending,
                     progress=lambda done, total: context.log.info("walked %d/%d", done, total),
                 )
                 return walks, pool.stats()
@@ -227,9 +228,17 @@ def _edges(policy: Policy, entity_type: str, common: dict[str, Any]) -> dg.Asset
         **common,
         description=descriptions.edges(policy, entity_type),
     )
-    def edges(context: dg.AssetExecutionContext, hydrated: pd.DataFrame, fact_store: FactStoreResource) -> pd.DataFrame:
+    def edges(
+        context: dg.AssetExecutionContext,
+        hydrated: pd.DataFrame,
+        fact_store: FactStoreResource,
+        sources: SourcesResource,
+    ) -> pd.DataFrame:
+        outcomes = frames.outcomes_of(hydrated)
         report = asyncio.run(
-            settle_outcomes(fact_store.store, policy, entity_type, frames.outcomes_of(hydrated), owner=_owner(context))
+            settle_outcomes(
+                fact_store.store, policy, entity_type, outcomes, owner=_owner(context), pending=sources.pending
+            )
         )
         result = report.result
         frame = frames.edge_changes_frame(result.edge_changes)

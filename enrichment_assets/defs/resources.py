@@ -10,7 +10,9 @@ from elasticsearch import TransportError
 from pydantic import PrivateAttr
 
 from enrichment_assets.factstore import FactStore
+from enrichment_assets.hydration.limits import CircuitBreaker
 from enrichment_assets.hydration.pool import SourcePool
+from enrichment_assets.hydration.walker import PendingHydrations
 from enrichment_assets.policy import Policy
 from enrichment_assets.search.index import SearchIndex
 from enrichment_assets.settings import Settings
@@ -44,12 +46,23 @@ class FactStoreResource(dg.ConfigurableResource):
 
 class SourcesResource(dg.ConfigurableResource):
     """The source systems' HTTP APIs, as the policy file describes them. Base URLs and auth tokens come
-    from the environment variables the policy names; tokens never reach config, logs or the UI."""
+    from the environment variables the policy names; tokens never reach config, logs or the UI.
+
+    What a run keeps across its steps lives here: one circuit breaker per source (a source found dead by
+    one step is not probed afresh by the next) and the hydrations fetched but not stored yet (a root of
+    one branch is a hop of another, and every branch walks before any settles)."""
+
+    _breakers: dict[str, CircuitBreaker] = PrivateAttr(default_factory=dict)
+    _pending: PendingHydrations = PrivateAttr(default_factory=dict)
 
     def pool(self, policy: Policy, store: FactStore) -> SourcePool:
         """A fresh pool for one step (``async with``). On a PostgreSQL fact store every source's
         requests/second and concurrency are drawn from a budget in ``store`` that all runs share."""
-        return SourcePool(policy, store=store)
+        return SourcePool(policy, store=store, breakers=self._breakers)
+
+    @property
+    def pending(self) -> PendingHydrations:
+        return self._pending
 
 
 class SearchResource(dg.ConfigurableResource):

@@ -61,8 +61,11 @@ def run_claim_limit() -> int:
 
 def candidates_config(entity_types: Iterable[str], limit: int) -> dict[str, Any]:
     """Run config giving each type's candidates step the claim limit the sensor counted with."""
-    return {"ops": {f"{step_key(t, 'candidates').to_python_identifier()}": {"config": {"limit": limit}}
-                    for t in entity_types}}
+    return {
+        "ops": {
+            f"{step_key(t, 'candidates').to_python_identifier()}": {"config": {"limit": limit}} for t in entity_types
+        }
+    }
 
 
 @dataclass(frozen=True)
@@ -121,8 +124,11 @@ def due_requests(
     """
     types = [t for t in branch_types(policy) if entity_types is None or t in set(entity_types)]
     intervals = {t: policy.effective(t).refresh_interval for t in types} if refresh else None
-    due = [w for w in store.due_work(granularity=policy.defaults.partition_granularity,
-                                     refresh_intervals=intervals) if w.entity_type in types]
+    due = [
+        w
+        for w in store.due_work(granularity=policy.defaults.partition_granularity, refresh_intervals=intervals)
+        if w.entity_type in types
+    ]
     flight = in_flight(instance, types)
     cap = max_runs or max_runs_per_type()
     run_limit = run_limit or run_claim_limit()
@@ -148,14 +154,21 @@ def due_requests(
             run_key = keys[pair] = f"{run_key}|after-{failed[:8]}"
         for slot in range(min(math.ceil(uncovered / run_limit), room, limit - len(requests))):
             flight.per_type[work.entity_type] += 1
-            requests.append(dg.RunRequest(
-                run_key=run_key if slot == 0 else f"{run_key}|run-{slot + 1}",
-                job_name=job_name(work.entity_type),
-                partition_key=partition,
-                run_config=candidates_config([work.entity_type], run_limit),
-                tags={MODE_TAG: INCREMENTAL, TRIGGER_TAG: trigger, "entity_type": work.entity_type,
-                      due_tag(work.entity_type): run_key, SLOT_TAG: str(slot)},
-            ))
+            requests.append(
+                dg.RunRequest(
+                    run_key=run_key if slot == 0 else f"{run_key}|run-{slot + 1}",
+                    job_name=job_name(work.entity_type),
+                    partition_key=partition,
+                    run_config=candidates_config([work.entity_type], run_limit),
+                    tags={
+                        MODE_TAG: INCREMENTAL,
+                        TRIGGER_TAG: trigger,
+                        "entity_type": work.entity_type,
+                        due_tag(work.entity_type): run_key,
+                        SLOT_TAG: str(slot),
+                    },
+                )
+            )
     return requests, keys, orphans
 
 
@@ -175,14 +188,19 @@ def combined(requests: list[dg.RunRequest], policy: Policy) -> list[dg.RunReques
         group.sort(key=lambda r: (-policy.effective(r.tags["entity_type"]).priority, r.tags["entity_type"]))
         types = [r.tags["entity_type"] for r in group]
         digest = hashlib.sha256("\n".join(r.run_key or "" for r in group).encode()).hexdigest()[:16]
-        merged.append(dg.RunRequest(
-            run_key=f"{partition}|{'+'.join(types)}|{digest}",
-            job_name=ENRICHMENT_JOB,
-            partition_key=partition,
-            asset_selection=[step_key(t, step) for t in types for step in BRANCH_STEPS],
-            run_config={"ops": {k: v for r in group for k, v in r.run_config.get("ops", {}).items()}},
-            tags={**{k: v for r in group for k, v in r.tags.items() if k != "entity_type"}, TYPES_TAG: ",".join(types)},
-        ))
+        merged.append(
+            dg.RunRequest(
+                run_key=f"{partition}|{'+'.join(types)}|{digest}",
+                job_name=ENRICHMENT_JOB,
+                partition_key=partition,
+                asset_selection=[step_key(t, step) for t in types for step in BRANCH_STEPS],
+                run_config={"ops": {k: v for r in group for k, v in r.run_config.get("ops", {}).items()}},
+                tags={
+                    **{k: v for r in group for k, v in r.tags.items() if k != "entity_type"},
+                    TYPES_TAG: ",".join(types),
+                },
+            )
+        )
     return merged
 
 
@@ -206,35 +224,46 @@ def build_sensor(policy: Policy, jobs: list[Any]) -> dg.SensorDefinition:
         description="Requests incremental runs of the enrichment job per partition with due work, "
         "selecting the branch of every entity type due in it: new uncached entities, partial ones due for "
         "retry, and those whose forward references have arrived. A type whose due set is more than one run "
-        "claims (ENRICHMENT_RUN_CLAIM_LIMIT, default 5,000) gets several runs at once, up to ENRICHMENT_MAX_RUNS_PER_TYPE "
+        "claims (ENRICHMENT_RUN_CLAIM_LIMIT, default 5,000) gets several runs at once, up to "
+        "ENRICHMENT_MAX_RUNS_PER_TYPE "
         f"(default {DEFAULT_MAX_RUNS_PER_TYPE}) in flight; leases keep them apart. Each type's due set is named "
         "in the run's tags and key, so a repeated tick launches nothing; at most "
         f"{max_pairs} per-type runs per tick (ENRICHMENT_SENSOR_MAX_PAIRS).",
     )
-    def uncached_entities_sensor(context: dg.SensorEvaluationContext,
-                                 fact_store: FactStoreResource) -> dg.SensorResult:
+    def uncached_entities_sensor(context: dg.SensorEvaluationContext, fact_store: FactStoreResource) -> dg.SensorResult:
         store = fact_store.store
         woken = store.wake_waiters()
         previous = json.loads(context.cursor) if context.cursor else {}
         requests, keys, orphans = due_requests(
-            store, policy, context.instance, trigger="sensor", limit=max_pairs,
+            store,
+            policy,
+            context.instance,
+            trigger="sensor",
+            limit=max_pairs,
             skip_keys=previous.get("requested", {}),
         )
         if orphans:
-            context.log.warning(f"{sum(w.due for w in orphans)} due entities were first seen before "
-                                f"partition_start ({policy.defaults.partition_start}); move it back to enrich them")
+            context.log.warning(
+                f"{sum(w.due for w in orphans)} due entities were first seen before "
+                f"partition_start ({policy.defaults.partition_start}); move it back to enrich them"
+            )
         requested = {k: v for k, v in previous.get("requested", {}).items() if k in keys}
-        requested.update({f"{r.tags['entity_type']}|{r.partition_key}": r.tags[due_tag(r.tags['entity_type'])]
-                          for r in requests})
+        requested.update(
+            {f"{r.tags['entity_type']}|{r.partition_key}": r.tags[due_tag(r.tags["entity_type"])] for r in requests}
+        )
         cursor = json.dumps({"requested": requested, "woken": woken}, sort_keys=True)
         if not requests:
-            reason = ("nothing is due" if not keys else
-                      f"{len(keys)} (type, partition) pairs are due but already have runs queued or requested, "
-                      "or their types have ENRICHMENT_MAX_RUNS_PER_TYPE runs in flight")
+            reason = (
+                "nothing is due"
+                if not keys
+                else f"{len(keys)} (type, partition) pairs are due but already have runs queued or requested, "
+                "or their types have ENRICHMENT_MAX_RUNS_PER_TYPE runs in flight"
+            )
             return dg.SensorResult(skip_reason=reason, cursor=cursor)
         runs = combined(requests, policy)
-        context.log.info(f"requesting {len(runs)} runs for {len(requests)} (type, partition) pairs "
-                         f"({woken} waiters woken)")
+        context.log.info(
+            f"requesting {len(runs)} runs for {len(requests)} (type, partition) pairs ({woken} waiters woken)"
+        )
         return dg.SensorResult(run_requests=runs, cursor=cursor)
 
     return uncached_entities_sensor

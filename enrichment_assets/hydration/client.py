@@ -101,6 +101,7 @@ class SourceClient:
         transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
         limits: SourceLimits | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         """``limits`` default to the process's own (``LocalLimits``); the client closes them."""
         env = os.environ if environ is None else environ
@@ -125,7 +126,9 @@ class SourceClient:
         self.limits = limits or LocalLimits(
             requests_per_second=source.requests_per_second, max_concurrency=source.max_concurrency
         )
-        self.breaker = CircuitBreaker(source.circuit_failure_threshold, source.circuit_reset.total_seconds())
+        # A breaker outlives the client when the caller keeps it (one per source per process): a source found
+        # dead by one step is not probed afresh by the next.
+        self.breaker = breaker or CircuitBreaker(source.circuit_failure_threshold, source.circuit_reset.total_seconds())
         self._rng = rng or random.Random()
         self.stats = SourceStats()
 

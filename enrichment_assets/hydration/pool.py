@@ -10,6 +10,7 @@ import httpx
 
 from enrichment_assets.factstore.budgets import SourceBudgets
 from enrichment_assets.hydration.client import Fetched, SourceClient
+from enrichment_assets.hydration.limits import CircuitBreaker
 from enrichment_assets.hydration.shared_limits import SharedLimits
 from enrichment_assets.policy import Policy, Source
 
@@ -33,8 +34,16 @@ class SourcePool:
         environ: Mapping[str, str] | None = None,
         transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
         store: FactStore | None = None,
+        breakers: dict[str, CircuitBreaker] | None = None,
     ) -> None:
+        """``breakers``: the circuit breakers to use, per source, kept by the caller across pools (created
+        here for the sources missing), so one process has one breaker per source however many pools."""
         self.policy = policy
+        kept = {} if breakers is None else breakers
+        for name, source in policy.sources.items():
+            kept.setdefault(
+                name, CircuitBreaker(source.circuit_failure_threshold, source.circuit_reset.total_seconds())
+            )
         self._budgets = (
             SourceBudgets(store.engine) if store is not None and store.engine.dialect.name == "postgresql" else None
         )
@@ -45,6 +54,7 @@ class SourcePool:
                 environ=environ,
                 transport=(transports or {}).get(name),
                 limits=self._shared_limits(name, source),
+                breaker=kept[name],
             )
             for name, source in policy.sources.items()
         }

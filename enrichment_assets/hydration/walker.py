@@ -32,6 +32,8 @@ from enrichment_assets.hydration.propagation import affected_roots
 from enrichment_assets.policy import EffectivePolicy, Policy
 
 Trail = tuple[EntityKey, ...]
+# Bodies fetched and not stored yet, by entity; see ``Walker``.
+PendingHydrations = dict[EntityKey, dict[str, Any]]
 
 
 @dataclass
@@ -113,14 +115,23 @@ class Walker:
     while the previous one is recorded and settled; hops a walk fetched are reused by the walks after it
     until they are recorded, so overlapping batches call a source no more often than sequential ones.
     A walker without a pool (``pool=None``) can only record and settle.
+
+    ``pending`` holds what walks fetched and the store does not hold yet (hops until recorded, roots until
+    settled); later walks reuse it as if read from the store. Walkers that share one (the steps of one run,
+    the rounds of one cycle) fetch an entity once even when one type's roots are another's hops and every
+    branch walks before any settles.
     """
 
-    def __init__(self, store: FactStore, policy: Policy, pool: SourcePool | None) -> None:
+    # Beyond this many bodies waiting to be stored, walks stop adding to ``pending`` (they fetch instead).
+    MAX_PENDING = 100_000
+
+    def __init__(
+        self, store: FactStore, policy: Policy, pool: SourcePool | None, *, pending: PendingHydrations | None = None
+    ) -> None:
         self.store = store
         self.policy = policy
         self._pool = pool
-        # Hops fetched by walks not yet recorded, reused by later walks as if read from the store.
-        self._pending: dict[EntityKey, dict[str, Any]] = {}
+        self._pending: PendingHydrations = {} if pending is None else pending
 
     @property
     def pool(self) -> SourcePool:
@@ -151,8 +162,12 @@ class Walker:
             for (t, i), f in memo.items()
             if f.status == "found" and f.body is not None and (t, i) not in roots and not isinstance(f, _Reused)
         ]
-        for entity_type_, entity_id, body in hops:
-            self._pending[(entity_type_, entity_id)] = body
+        fetched_roots = [
+            (k, memo[k].body) for k in roots if memo[k].status == "found" and not isinstance(memo[k], _Reused)
+        ]
+        if len(self._pending) < self.MAX_PENDING:
+            self._pending.update(((t, i), body) for t, i, body in hops)
+            self._pending.update((key, body) for key, body in fetched_roots if body is not None)
         now = self.store.now()
         outcomes = [self._outcome(state, memo[key], now) for key, state in roots.items()]
         outcomes += [Outcome.of(c, "deleted") for c in claims if c.state == "deleted"]
@@ -182,6 +197,8 @@ class Walker:
         report = walk.report
         report.result = await asyncio.to_thread(self.store.finish, owner, walk.outcomes, retry)
         roots = {o.key for o in walk.outcomes}
+        for key in roots:
+            self._pending.pop(key, None)
         changed = list(report.result.attributes_changed)
         if changed:
             stale = await asyncio.to_thread(affected_roots, self.store, self.policy, changed)

@@ -17,7 +17,7 @@ from typing import Any
 
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.hydration.pool import SourcePool
-from enrichment_assets.hydration.walker import WalkReport
+from enrichment_assets.hydration.walker import PendingHydrations, WalkReport
 from enrichment_assets.policy import Policy
 from enrichment_assets.search.index import SearchIndex
 from enrichment_assets.search.sync import IndexReport
@@ -59,13 +59,17 @@ async def enrich_type(
     max_batches: int | None = None,
     index: SearchIndex | None = None,
     indexed: IndexReport | None = None,
+    pending: PendingHydrations | None = None,
 ) -> WalkReport:
     """Claim, walk, settle and index due entities of one type, a batch per round, until none are due."""
     report = WalkReport(entity_type)
     settling: asyncio.Task[None] | None = None
+    pending = {} if pending is None else pending
 
     async def settle_and_index(outcomes: list[Any]) -> None:
-        settled = await settle_outcomes(store, policy, entity_type, outcomes, owner=owner, batch_size=batch_size)
+        settled = await settle_outcomes(
+            store, policy, entity_type, outcomes, owner=owner, batch_size=batch_size, pending=pending
+        )
         report.absorb(settled)
         if index is not None:
             step = await asyncio.to_thread(index_changes, store, policy, index, settled.changed)
@@ -90,7 +94,15 @@ async def enrich_type(
             if not claims:
                 break
             walks = await walk_claims(
-                store, policy, pool, entity_type, claims, owner=owner, batch_size=batch_size, lease=lease
+                store,
+                policy,
+                pool,
+                entity_type,
+                claims,
+                owner=owner,
+                batch_size=batch_size,
+                lease=lease,
+                pending=pending,
             )
             for walk in walks:
                 report.fetched += walk.report.fetched
@@ -144,7 +156,9 @@ def _run_cycle(
 
     async def run() -> CycleResult:
         async with SourcePool(policy, store=store) as pool:
-            reports = await enrich_cycle(store, policy, pool, owner=owner, index=index, indexed=indexed, **kwargs)
+            reports = await enrich_cycle(
+                store, policy, pool, owner=owner, index=index, indexed=indexed, pending={}, **kwargs
+            )
             return CycleResult(reports, pool.stats(), indexed)
 
     return asyncio.run(run())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from enrichment_assets.factstore import FactStore, Outcome
-from enrichment_assets.hydration.walker import Walk, Walker, WalkReport
+from enrichment_assets.hydration.walker import PendingHydrations, Walk, Walker, WalkReport
 from enrichment_assets.policy import Policy
 
 
@@ -17,10 +17,11 @@ async def settle_outcomes(
     *,
     owner: str,
     batch_size: int = 500,
+    pending: PendingHydrations | None = None,
 ) -> WalkReport:
     """One transaction per ``batch_size`` outcomes: states, attributes, edges asserted, confirmed or
     retracted (history kept), leases released. Settling never calls a source."""
-    walker = Walker(store, policy, None)
+    walker = Walker(store, policy, None, pending=pending)
     report = WalkReport(entity_type, claimed=len(outcomes))
     for start in range(0, len(outcomes), batch_size):
         batch = list(outcomes[start : start + batch_size])

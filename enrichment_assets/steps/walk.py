@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from enrichment_assets.factstore import Claim, FactStore
 from enrichment_assets.hydration.pool import SourcePool
-from enrichment_assets.hydration.walker import Walk, Walker
+from enrichment_assets.hydration.walker import PendingHydrations, Walk, Walker
 from enrichment_assets.policy import Policy
 
 
@@ -23,14 +23,16 @@ async def walk_claims(
     batch_size: int = 500,
     lease: timedelta = timedelta(minutes=30),
     progress: Callable[[int, int], None] | None = None,
+    pending: PendingHydrations | None = None,
 ) -> list[Walk]:
     """Walk ``claims`` in batches and record each batch's hops; the roots are left to ``settle_outcomes``.
 
     Batch ``i + 1`` is fetched while batch ``i``'s hops are written, so the slower of the sources and the
     fact store sets the pace, not their sum. Each batch renews the leases of the claims still ahead of it.
-    If anything fails, every lease is given back untried, so the next run takes them at once.
+    If anything fails, every lease is given back untried, so the next run takes them at once. ``pending``
+    (see ``Walker``) is shared with the other walks and settles of one run or cycle.
     """
-    walker = Walker(store, policy, pool)
+    walker = Walker(store, policy, pool, pending=pending)
     keys = [c.key for c in claims]
     walks: list[Walk] = []
     recording: asyncio.Task[None] | None = None
