@@ -170,7 +170,7 @@ def enrich_once_command(entity_types: tuple[str, ...], batch_size: int, workers:
     """Run one enrichment cycle over every type's due work: claim, walk, settle and index, the same steps
     the Dagster assets run (for scripts and benchmarks; Dagster runs are the production path)."""
     from enrichment_assets.console import cycle_table
-    from enrichment_assets.steps.cycle import enrich_once, enrich_with_workers
+    from enrichment_assets.steps.cycle import WorkersFailed, enrich_once, enrich_with_workers
 
     settings = _settings()
     assert settings.policy is not None
@@ -185,25 +185,35 @@ def enrich_once_command(entity_types: tuple[str, ...], batch_size: int, workers:
         )
     index = _open_search(settings, required=False)
     options = {"entity_types": entity_types or None, "batch_size": batch_size}
+    failed: WorkersFailed | None = None
     with console(stderr=True).status(f"enriching with {workers} worker{'s' if workers > 1 else ''}"):
         if workers > 1:
-            result = enrich_with_workers(
-                settings.database_url,
-                settings.policy,
-                workers=workers,
-                elasticsearch_url=settings.elasticsearch_url,
-                index_alias=settings.index_alias,
-                **options,
-            )
-            reports, sources, indexed = result.reports, result.sources, result.indexed
+            try:
+                result = enrich_with_workers(
+                    settings.database_url,
+                    settings.policy,
+                    workers=workers,
+                    elasticsearch_url=settings.elasticsearch_url,
+                    index_alias=settings.index_alias,
+                    **options,
+                )
+            except WorkersFailed as error:
+                failed, result = error, error.partial
         else:
-            reports, sources, indexed = enrich_once(store, settings.policy, index=index, **options)
-    for table in cycle_table(reports, sources):
-        console().print(table)
-    if indexed is not None:
-        console().print(
-            f"search: indexed {indexed.indexed:,}, deleted {indexed.deleted:,}, "
-            f"failed {len(indexed.failures):,} (retried next time)"
+            result = enrich_once(store, settings.policy, index=index, **options)
+    if result is not None:
+        for table in cycle_table(result.reports, result.sources):
+            console().print(table)
+        if result.indexed is not None:
+            indexed = result.indexed
+            console().print(
+                f"search: indexed {indexed.indexed:,}, deleted {indexed.deleted:,}, "
+                f"failed {len(indexed.failures):,} (retried next time)"
+            )
+    if failed is not None:
+        raise click.ClickException(
+            f"{len(failed.failures)} of {workers} workers failed (their leases were given back; run again): "
+            + "; ".join(failed.failures)[:2000]
         )
 
 

@@ -333,3 +333,15 @@ def test_enrich_once_workers_share_the_work_and_enrich_everything_once(
         for entity_id in graph.ids(entity_type):
             assert derived(store, entity_type, entity_id) == expected(graph, entity_type, entity_id)
     store.dispose()
+
+
+def test_enrich_once_workers_report_every_failure_after_all_have_finished(postgres_server_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    from enrichment_assets.steps.cycle import WorkersFailed, enrich_with_workers
+
+    missing = make_url(postgres_server_url).set(database="no_such_database_here").render_as_string(hide_password=False)
+    with pytest.raises(WorkersFailed) as failed:
+        enrich_with_workers(missing, MDS, workers=2, batch_size=50)
+    assert len(failed.value.failures) == 2 and failed.value.partial is None
+    assert "no_such_database_here" in failed.value.failures[0]

@@ -160,6 +160,7 @@ def mark_dirty(conn: sa.Connection, keys: Sequence[EntityKey], now: datetime) ->
     """Make settled entities due again because something on their paths changed."""
     marked = 0
     for among in arrays.key_filters(conn, (entities.c.entity_type, entities.c.entity_id), list(keys)):
+        lock_in_key_order(conn, among)
         marked += conn.execute(
             sa.update(entities)
             .where(
@@ -362,4 +363,23 @@ def wake_waiters(conn: sa.Connection, now: datetime) -> int:
 def touch_documents(conn: sa.Connection, keys: Sequence[EntityKey]) -> None:
     """Move the document version of entities whose search document changed through an edge."""
     for among in arrays.key_filters(conn, (entities.c.entity_type, entities.c.entity_id), sorted(set(keys))):
+        lock_in_key_order(conn, among)
         conn.execute(sa.update(entities).where(among).values(doc_version=entities.c.doc_version + 1))
+
+
+def lock_in_key_order(conn: sa.Connection, among: sa.ColumnElement[bool]) -> None:
+    """Lock the rows an update is about to touch, in key order, before it runs.
+
+    An ``UPDATE ... WHERE (type, id) IN (unnest ...)`` locks rows in whatever order its plan visits them
+    (a hash join, say), while other writers lock in key order: with several workers settling and
+    recording the same hub entities, that made deadlock cycles faster than retries could clear them.
+    ``SELECT ... ORDER BY ... FOR UPDATE`` locks as it returns rows, sorted. SQLite has one writer.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            sa.select(sa.literal(1))
+            .select_from(entities)
+            .where(among)
+            .order_by(entities.c.entity_type, entities.c.entity_id)
+            .with_for_update()
+        )

@@ -191,6 +191,7 @@ def held(conn: sa.Connection, owner: str, keys: Sequence[EntityKey]) -> dict[Ent
                 among,
                 entities.c.claim_owner == owner,
             )
+            .order_by(entities.c.entity_type, entities.c.entity_id)  # rows are locked in key order
             .with_for_update()
         )
         for etype, eid, version, attempts, state in conn.execute(stmt):

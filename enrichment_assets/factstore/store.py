@@ -313,13 +313,12 @@ class FactStore(OutboxMethods):
         ordered = sorted(set(keys))
 
         def update(conn: sa.Connection) -> int:
-            among = arrays.key_filters(conn, (entities.c.entity_type, entities.c.entity_id), ordered)
-            return sum(
-                conn.execute(
-                    sa.update(entities).where(where, entities.c.claim_owner == owner).values(**values)
-                ).rowcount
-                for where in among
-            )
+            updated = 0
+            for where in arrays.key_filters(conn, (entities.c.entity_type, entities.c.entity_id), ordered):
+                graph.lock_in_key_order(conn, where)
+                statement = sa.update(entities).where(where, entities.c.claim_owner == owner).values(**values)
+                updated += conn.execute(statement).rowcount
+            return updated
 
         return self._write(update)
 

@@ -9,6 +9,7 @@ at the same time instead of taking turns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -180,9 +181,28 @@ def enrich_with_workers(
         raise ValueError("workers must be at least 1")
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers) as processes:
-        args = [(database_url, policy, elasticsearch_url, index_alias, kwargs) for _ in range(workers)]
-        results = processes.starmap(_worker, args)
+        args = (database_url, policy, elasticsearch_url, index_alias, kwargs)
+        running = [processes.apply_async(_worker, args) for _ in range(workers)]
+        # Every worker finishes its cycle even when another fails: ending the pool early would kill them
+        # mid-walk and leave their entities leased until the leases ran out.
+        results, failures = [], []
+        for worker in running:
+            try:
+                results.append(worker.get())
+            except Exception as error:  # a worker's failure, pickled back
+                failures.append(f"{type(error).__name__}: {error}")
+    if failures:
+        raise WorkersFailed(failures, _merge(results) if results else None)
     return _merge(results)
+
+
+class WorkersFailed(RuntimeError):
+    """Some workers failed (their leases were given back); ``partial`` is what the others did."""
+
+    def __init__(self, failures: list[str], partial: CycleResult | None) -> None:
+        super().__init__(f"{len(failures)} worker(s) failed: {failures[0]}")
+        self.failures = failures
+        self.partial = partial
 
 
 def _worker(
@@ -190,8 +210,15 @@ def _worker(
 ) -> CycleResult:
     store = FactStore.from_url(database_url)
     index = SearchIndex.from_url(elasticsearch_url, alias=index_alias) if elasticsearch_url else None
+    owner = lease_owner()
     try:
-        return _run_cycle(store, policy, index=index, owner=lease_owner(), **kwargs)
+        return _run_cycle(store, policy, index=index, owner=owner, **kwargs)
+    except BaseException:
+        # What it still held goes to the next cycle at once; if the store itself is what failed, the leases
+        # expire instead.
+        with contextlib.suppress(Exception):
+            store.release_owners([owner])
+        raise
     finally:
         store.dispose()
         if index is not None:
