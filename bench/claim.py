@@ -35,12 +35,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from _common import bench_database, console, describe_server, median, percentile, print_table, verdict
 
 from enrichment_assets.factstore import EntityKey, FactStore
 from enrichment_assets.factstore.schema import PENDING_STATES, EntityState, entities
 from enrichment_assets.factstore.types import UTCDateTime
-
-from _common import bench_database, console, describe_server, median, percentile, print_table, verdict
 
 ENTITY_TYPE = "bench_a"
 OWNER = "bench-claim"
@@ -79,9 +78,7 @@ class SizeResult:
 
 def fill_statement() -> sa.Insert:
     """Rows ``n`` in ``[:lo, :hi]``, shaped as FactStore writes an ingested (for most, enriched) entity."""
-    series = (
-        sa.func.generate_series(sa.bindparam("lo"), sa.bindparam("hi")).table_valued("n").render_derived()
-    )
+    series = sa.func.generate_series(sa.bindparam("lo"), sa.bindparam("hi")).table_valued("n").render_derived()
     n = series.c.n
     pending = n % PENDING_EVERY == 0
     # A fixed scramble of n over [0, 1): ages spread evenly and independently of the pending pattern.
@@ -95,9 +92,7 @@ def fill_statement() -> sa.Insert:
     columns = {
         "entity_type": sa.literal(ENTITY_TYPE),
         "entity_id": entity_id,
-        "state": sa.case(
-            (pending, EntityState.UNCACHED.value), else_=EntityState.FULLY_ENRICHED.value
-        ),
+        "state": sa.case((pending, EntityState.UNCACHED.value), else_=EntityState.FULLY_ENRICHED.value),
         "version": sa.case((pending, 1), else_=2),
         "attributes": sa.case(
             (pending, sa.null()), else_=sa.func.jsonb_build_object("name", entity_id, "owner", owner_team)
@@ -156,8 +151,12 @@ def baseline_claim(limit: int, expires: datetime) -> sa.Update:
         .where(sa.tuple_(entities.c.entity_type, entities.c.entity_id).in_(pick))
         .values(claim_owner=BASELINE_OWNER, claim_expires_at=expires)
         .returning(
-            entities.c.entity_type, entities.c.entity_id, entities.c.version,
-            entities.c.state, entities.c.attempts, entities.c.first_seen_at,
+            entities.c.entity_type,
+            entities.c.entity_id,
+            entities.c.version,
+            entities.c.state,
+            entities.c.attempts,
+            entities.c.first_seen_at,
         )
     )
 
@@ -236,9 +235,7 @@ def captured_updates(engine: sa.Engine) -> Iterator[list[tuple[str, Any]]]:
     """Collect the ``UPDATE entities`` statements (with their parameters) sent while the block runs."""
     seen: list[tuple[str, Any]] = []
 
-    def capture(
-        _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool
-    ) -> None:
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
         if statement.lstrip().upper().startswith("UPDATE ENTITIES"):
             seen.append((statement, parameters))
 
@@ -296,8 +293,7 @@ def show_plans(plans: Sequence[Plans]) -> None:
         "What each claim reads (EXPLAIN ANALYZE after the timed runs, rolled back)",
         ["entities", "FactStore.claim reads", "exec ms", "baseline reads", "exec ms"],
         [
-            [f"{p.size:,}", reads(p.claim), execution_ms(p.claim), reads(p.baseline),
-             execution_ms(p.baseline)]
+            [f"{p.size:,}", reads(p.claim), execution_ms(p.claim), reads(p.baseline), execution_ms(p.baseline)]
             for p in plans
         ],
     )
@@ -325,23 +321,35 @@ def report(results: Sequence[SizeResult], server: str) -> None:
     rows = []
     for r in results:
         claim, base = median(r.claim_ms), median(r.baseline_ms)
-        rows.append([
-            f"{r.size:,}",
-            f"{r.pending:,}",
-            f"{claim:.1f}",
-            f"{percentile(r.claim_ms, 90):.1f}",
-            f"{claim / smallest:.2f}x",
-            f"{base:.1f}",
-            f"{percentile(r.baseline_ms, 90):.1f}",
-            f"{claim / base:.2f}x",
-            f"{median(r.due_work_ms):.1f}",
-            f"{r.due_windows}",
-        ])
+        rows.append(
+            [
+                f"{r.size:,}",
+                f"{r.pending:,}",
+                f"{claim:.1f}",
+                f"{percentile(r.claim_ms, 90):.1f}",
+                f"{claim / smallest:.2f}x",
+                f"{base:.1f}",
+                f"{percentile(r.baseline_ms, 90):.1f}",
+                f"{claim / base:.2f}x",
+                f"{median(r.due_work_ms):.1f}",
+                f"{r.due_windows}",
+            ]
+        )
     runs = len(results[0].claim_ms)
     print_table(
         f"Claim up to {max(r.claimed for r in results):,} candidates (ms; median and p90 of {runs} runs)",
-        ["entities", "pending", "claim med", "claim p90", f"vs {results[0].size:,}", "baseline med",
-         "baseline p90", "claim / baseline", "due_work med", "due windows"],
+        [
+            "entities",
+            "pending",
+            "claim med",
+            "claim p90",
+            f"vs {results[0].size:,}",
+            "baseline med",
+            "baseline p90",
+            "claim / baseline",
+            "due_work med",
+            "due windows",
+        ],
         rows,
         caption=f"{server}\nmix: {MIX}",
     )
@@ -368,8 +376,12 @@ def parse_sizes(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=parse_sizes, default=[10_000, 100_000, 1_000_000],
-                        help="table sizes, comma-separated (default 10000,100000,1000000)")
+    parser.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=[10_000, 100_000, 1_000_000],
+        help="table sizes, comma-separated (default 10000,100000,1000000)",
+    )
     parser.add_argument("--limit", type=int, default=1_000, help="candidates per claim (default 1000)")
     parser.add_argument("--repeats", type=int, default=15, help="timed repetitions per size (default 15)")
     parser.add_argument("--warmups", type=int, default=2, help="untimed repetitions first (default 2)")
@@ -387,8 +399,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for size in args.sizes:
             with console.status(f"filling entities to {size:,}"):
                 seconds = grow_to(store.engine, current, size)
-            console.print(f"filled {size - current:,} entities in {seconds:.1f} s "
-                          f"({(size - current) / seconds:,.0f} rows/s, incl. ANALYZE)")
+            console.print(
+                f"filled {size - current:,} entities in {seconds:.1f} s "
+                f"({(size - current) / seconds:,.0f} rows/s, incl. ANALYZE)"
+            )
             current = size
             pending = count_pending(store.engine)
             with console.status(f"claiming at {size:,} entities"):

@@ -37,11 +37,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from _common import api_server, console, describe_server, fresh_database, percentile, postgres_server, print_table
+
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.policy import load_policy
 from enrichment_assets.settings import SHIPPED_POLICY
-
-from _common import api_server, console, describe_server, fresh_database, percentile, postgres_server, print_table
 
 HOG = "while True:\n    sum(range(10_000))\n"
 # Any type the API accepts: the server validates against the shipped policy.
@@ -95,8 +95,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=50.0, help="events per second (default 50)")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per phase (default 20)")
-    parser.add_argument("--hogs", type=int, default=(os.cpu_count() or 2) + 1,
-                        help="CPU-bound processes beside the API (default: CPUs + 1)")
+    parser.add_argument(
+        "--hogs",
+        type=int,
+        default=(os.cpu_count() or 2) + 1,
+        help="CPU-bound processes beside the API (default: CPUs + 1)",
+    )
     args = parser.parse_args(argv)
     if args.rate <= 0 or args.seconds <= 0 or args.hogs < 1:
         parser.error("--rate, --seconds and --hogs must be positive")
@@ -105,8 +109,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     per_phase = max(round(args.rate * args.seconds), 100)
 
     rows: list[tuple[str, list[float]]] = []
-    with postgres_server() as server, fresh_database(server) as url, \
-            tempfile.TemporaryDirectory(prefix="bench-contention-") as tmp:
+    with (
+        postgres_server() as server,
+        fresh_database(server) as url,
+        tempfile.TemporaryDirectory(prefix="bench-contention-") as tmp,
+    ):
         store = FactStore.from_url(url)
         store.migrate()
         caption = describe_server(store.engine)
@@ -125,8 +132,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_table(
         f"Single-event POST /v1/events at {args.rate:g}/s beside {args.hogs} CPU-bound processes (ms)",
         ["hogs' priority", "events", "p50", "p90", "p99", "max", "p99 vs none"],
-        [[phase, f"{len(ms):,}", *(f"{percentile(ms, q):.2f}" for q in (50, 90, 99)), f"{max(ms):.1f}",
-          f"{percentile(ms, 99) / baseline:.2f}x"] for phase, ms in rows],
+        [
+            [
+                phase,
+                f"{len(ms):,}",
+                *(f"{percentile(ms, q):.2f}" for q in (50, 90, 99)),
+                f"{max(ms):.1f}",
+                f"{percentile(ms, 99) / baseline:.2f}x",
+            ]
+            for phase, ms in rows
+        ],
         caption=f"{caption}; {os.cpu_count()} CPUs; one keep-alive connection, one request at a time",
     )
 

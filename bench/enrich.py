@@ -48,25 +48,31 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from _common import (
+    SEED,
+    bench_database,
+    console,
+    describe_server,
+    print_table,
+    reset_stats,
+    simulator_process,
+    source_environ,
+    source_stats,
+)
 
+from enrichment_assets.dev.simulator.catalog import DERIVED_EDGES
+from enrichment_assets.dev.simulator.events import thin_events
+from enrichment_assets.dev.simulator.graph import MdsGraph, generate_graph
 from enrichment_assets.events import Event
 from enrichment_assets.factstore import EntityKey, FactStore
 from enrichment_assets.factstore.schema import references
 from enrichment_assets.hydration.client import Fetched
-from enrichment_assets.steps.cycle import enrich_cycle
 from enrichment_assets.hydration.paths import MalformedField, extract_ids
 from enrichment_assets.hydration.pool import SourcePool
 from enrichment_assets.hydration.walker import WalkReport
 from enrichment_assets.policy import EdgeRule, Policy, load_policy
 from enrichment_assets.settings import SHIPPED_POLICY
-from enrichment_assets.dev.simulator.catalog import DERIVED_EDGES
-from enrichment_assets.dev.simulator.events import thin_events
-from enrichment_assets.dev.simulator.graph import MdsGraph, generate_graph
-
-from _common import (
-    SEED, bench_database, console, describe_server, print_table, reset_stats, simulator_process, source_environ,
-    source_stats,
-)
+from enrichment_assets.steps.cycle import enrich_cycle
 
 OWNER = "bench-enrich"
 INGEST_CHUNK = 5_000
@@ -128,8 +134,7 @@ def covered_seconds(*spans: Sequence[Span]) -> float:
     return total
 
 
-_STATEMENT_KIND = re.compile(r'^\s*(INSERT INTO|UPDATE|DELETE FROM|SELECT\b.*?\bFROM)\s+"?(\w+)',
-                             re.DOTALL)
+_STATEMENT_KIND = re.compile(r'^\s*(INSERT INTO|UPDATE|DELETE FROM|SELECT\b.*?\bFROM)\s+"?(\w+)', re.DOTALL)
 
 
 @dataclass
@@ -268,7 +273,8 @@ def run_batched(
         async with ClockedPool(policy, environ=source_environ(sim_url)) as pool:
             started = time.perf_counter()
             seconds, by_type, idle = await enrich_until_idle(
-                store, policy, pool, batch_size=batch_size, max_cycles=max_cycles)
+                store, policy, pool, batch_size=batch_size, max_cycles=max_cycles
+            )
             wall = time.perf_counter() - started
             return seconds, by_type, idle, wall, pool.stats(), pool
 
@@ -433,8 +439,9 @@ def run_naive(policy: Policy, graph: MdsGraph, sim_url: str, sample: int, *, seq
         # A fresh pool: its rate limiters start empty, as the batched walker's did.
         async with SourcePool(policy, environ=source_environ(sim_url)) as pool:
             started = time.perf_counter()
-            roots = await _each([naive_walk(pool, policy, key, sequential=sequential) for key in keys],
-                                sequential=sequential)
+            roots = await _each(
+                [naive_walk(pool, policy, key, sequential=sequential) for key in keys], sequential=sequential
+            )
             return roots, time.perf_counter() - started, pool.stats()
 
     roots, wall, client_stats = asyncio.run(run())
@@ -485,20 +492,36 @@ def print_comparison(batched: Batched, naive: Naive, setup: Setup) -> None:
     cycles = ", ".join(f"{seconds:.1f}" for seconds in batched.cycle_seconds)
     stopped = "" if batched.idle else " [red](stopped at --max-cycles with work still due)[/red]"
     print_table(
-        f"Enriching {total:,} entities (simulator scale {setup.scale:g}, "
-        f"{setup.latency_ms:g} ms per source request)",
+        f"Enriching {total:,} entities (simulator scale {setup.scale:g}, {setup.latency_ms:g} ms per source request)",
         ["path", "entities", "wall s", "entities/s", "source requests", "requests/entity", "source floor s"],
         [
-            ["batched walker (enrich_cycle)", f"{batched.enriched:,}", f"{batched.wall:.1f}",
-             f"{batched_rate:,.0f}", f"{batched.total_requests:,}", f"{batched_per_entity:.3f}",
-             f"{floor(batched.requests):.1f}"],
-            ["naive walk, sample (measured)", f"{sampled:,}", f"{naive.wall:.1f}", f"{naive_rate:,.1f}",
-             f"{naive.total_requests:,}", f"{naive.total_requests / sampled:.2f}",
-             f"{floor(naive.requests):.1f}"],
-            ["naive walk, all (extrapolated)", f"{total:,}", f"~{total / naive_rate:,.0f}",
-             f"{naive_rate:,.1f}",
-             f"~{sum(naive_all.values()):,}", f"{naive_per_entity:.2f} ±{naive.per_entity_margin():.2f}",
-             f"~{floor(naive_all):,.0f}"],
+            [
+                "batched walker (enrich_cycle)",
+                f"{batched.enriched:,}",
+                f"{batched.wall:.1f}",
+                f"{batched_rate:,.0f}",
+                f"{batched.total_requests:,}",
+                f"{batched_per_entity:.3f}",
+                f"{floor(batched.requests):.1f}",
+            ],
+            [
+                "naive walk, sample (measured)",
+                f"{sampled:,}",
+                f"{naive.wall:.1f}",
+                f"{naive_rate:,.1f}",
+                f"{naive.total_requests:,}",
+                f"{naive.total_requests / sampled:.2f}",
+                f"{floor(naive.requests):.1f}",
+            ],
+            [
+                "naive walk, all (extrapolated)",
+                f"{total:,}",
+                f"~{total / naive_rate:,.0f}",
+                f"{naive_rate:,.1f}",
+                f"~{sum(naive_all.values()):,}",
+                f"{naive_per_entity:.2f} ±{naive.per_entity_margin():.2f}",
+                f"~{floor(naive_all):,.0f}",
+            ],
         ],
         caption=(
             f"{setup.server}\n"
@@ -524,24 +547,40 @@ def print_sources(batched: Batched, naive: Naive, setup: Setup) -> None:
     rows = []
     for name, source in setup.policy.sources.items():
         naive_requests = naive.requests.get(name, 0)
-        rows.append([
-            name, f"{source.requests_per_second:g}", f"{source.max_concurrency}",
-            f"{batched.requests.get(name, 0):,}", f"{batched.ids_per_request.get(name, 0):.1f}",
-            f"{batched.peak_rps.get(name, 0)}",
-            f"{naive_requests:,}", f"{naive.peak_rps.get(name, 0)}",
-            f"{source_floor({name: naive_requests}, setup.policy, setup.latency_ms):.1f}",
-            f"~{naive_all.get(name, 0):,.0f}",
-        ])
+        rows.append(
+            [
+                name,
+                f"{source.requests_per_second:g}",
+                f"{source.max_concurrency}",
+                f"{batched.requests.get(name, 0):,}",
+                f"{batched.ids_per_request.get(name, 0):.1f}",
+                f"{batched.peak_rps.get(name, 0)}",
+                f"{naive_requests:,}",
+                f"{naive.peak_rps.get(name, 0)}",
+                f"{source_floor({name: naive_requests}, setup.policy, setup.latency_ms):.1f}",
+                f"~{naive_all.get(name, 0):,.0f}",
+            ]
+        )
     print_table(
         "Per source, as the simulator counted them, against the limits in mds.yaml",
-        ["source", "limit rps", "max conc", "batched req", "ids/req", "peak rps", "naive req", "peak rps",
-         "floor s", "naive req, all"],
+        [
+            "source",
+            "limit rps",
+            "max conc",
+            "batched req",
+            "ids/req",
+            "peak rps",
+            "naive req",
+            "peak rps",
+            "floor s",
+            "naive req, all",
+        ],
         rows,
         caption="peak rps: most requests arriving in any sliding 1 s. naive req, peak and floor: the "
-                "measured sample; 'naive req, all': extrapolated to the workload.\n"
-                f"client retries: batched {batched.retries}, naive {naive.retries}. The batched clients "
-                f"asked for {batched.ids_requested:,} ids for {batched.entities:,} entities in "
-                f"{batched.client_requests:,} requests.",
+        "measured sample; 'naive req, all': extrapolated to the workload.\n"
+        f"client retries: batched {batched.retries}, naive {naive.retries}. The batched clients "
+        f"asked for {batched.ids_requested:,} ids for {batched.entities:,} entities in "
+        f"{batched.client_requests:,} requests.",
     )
 
 
@@ -550,24 +589,40 @@ def print_types(batched: Batched, naive: Naive) -> None:
     for entity_type, roots in sorted(naive.by_type().items(), key=lambda item: -naive.workload[item[0]]):
         walked = batched.by_type.get(entity_type, WalkReport(entity_type))
         result = walked.result
-        rows.append([
-            entity_type, f"{len(roots)}",
-            f"{sum(r.requests for r in roots) / len(roots):.2f}",
-            f"{sum(r.visits for r in roots) / len(roots):.2f}",
-            f"{sum(len(r.edges) for r in roots) / len(roots):.2f}",
-            f"{walked.claimed:,}", f"{walked.fetched:,}", f"{walked.cache_hits:,}", f"{result.enriched:,}",
-            f"{result.partial + result.failed + result.deferred:,}",
-        ])
+        rows.append(
+            [
+                entity_type,
+                f"{len(roots)}",
+                f"{sum(r.requests for r in roots) / len(roots):.2f}",
+                f"{sum(r.visits for r in roots) / len(roots):.2f}",
+                f"{sum(len(r.edges) for r in roots) / len(roots):.2f}",
+                f"{walked.claimed:,}",
+                f"{walked.fetched:,}",
+                f"{walked.cache_hits:,}",
+                f"{result.enriched:,}",
+                f"{result.partial + result.failed + result.deferred:,}",
+            ]
+        )
     print_table(
         "Per entity type: naive GETs per root (sample) and what the batched walker did (summed over cycles)",
-        ["type", "naive roots", "GETs/root", "no memo", "edges/root",
-         "claimed", "ids fetched", "reused", "enriched", "not enriched"],
+        [
+            "type",
+            "naive roots",
+            "GETs/root",
+            "no memo",
+            "edges/root",
+            "claimed",
+            "ids fetched",
+            "reused",
+            "enriched",
+            "not enriched",
+        ],
         rows,
         caption="naive 'no memo': GETs per root if the script did not even remember within one root's walk "
-                "(the shared pipeline run is then fetched once per path through it).\n"
-                "batched, by the type being walked: 'ids fetched' from sources (roots and hops, in batch "
-                "requests), 'reused': fresh hydrations read from the fact store instead, 'not enriched': "
-                "partial, failed or deferred.",
+        "(the shared pipeline run is then fetched once per path through it).\n"
+        "batched, by the type being walked: 'ids fetched' from sources (roots and hops, in batch "
+        "requests), 'reused': fresh hydrations read from the fact store instead, 'not enriched': "
+        "partial, failed or deferred.",
     )
 
 
@@ -584,21 +639,30 @@ def print_time_and_checks(batched: Batched, naive: Naive, agreed: tuple[int, lis
         "walker and the store, commits, thread hand-offs). SQL by statement:"
     )
     for kind, seconds in batched.sql.seconds.most_common(6):
-        console.print(f"  {kind:<22} {seconds:5.1f} s  {batched.sql.statements[kind]:>4} statements  "
-                      f"{batched.sql.rows[kind]:>7,} rows", highlight=False)
+        console.print(
+            f"  {kind:<22} {seconds:5.1f} s  {batched.sql.statements[kind]:>4} statements  "
+            f"{batched.sql.rows[kind]:>7,} rows",
+            highlight=False,
+        )
     written = batched.sql.rows["INSERT references"]
-    console.print(f"References: {written:,} rows upserted for {batched.references:,} distinct references "
-                  f"({written / max(1, batched.references):.2f} writes each)")
+    console.print(
+        f"References: {written:,} rows upserted for {batched.references:,} distinct references "
+        f"({written / max(1, batched.references):.2f} writes each)"
+    )
     states = ", ".join(f"{state} {count:,}" for state, count in sorted(batched.states.items()))
     console.print(f"Entity states after the cycles: {states}")
     matches = batched.edges == batched.expected_edges
     edge_note = "[green]matches[/green]" if matches else "[red]differs from[/red]"
-    console.print(f"Edges materialized: {batched.edges:,}, {edge_note} the {batched.expected_edges:,} the "
-                  "simulator's graph implies")
+    console.print(
+        f"Edges materialized: {batched.edges:,}, {edge_note} the {batched.expected_edges:,} the "
+        "simulator's graph implies"
+    )
     same, differing = agreed
     verdict = "[green]all[/green]" if not differing else f"[red]{same} of {len(naive.roots)}[/red]"
-    console.print(f"Naive and batched agree on the edges of {verdict} sampled roots"
-                  + (f"; first differing: {differing[:5]}" if differing else ""))
+    console.print(
+        f"Naive and batched agree on the edges of {verdict} sampled roots"
+        + (f"; first differing: {differing[:5]}" if differing else "")
+    )
     failures = sum(r.failures for r in naive.roots)
     if failures:
         console.print(f"[red]naive walk: {failures} failed GETs or malformed fields[/red]")
@@ -606,31 +670,34 @@ def print_time_and_checks(batched: Batched, naive: Naive, agreed: tuple[int, lis
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", type=float, default=0.5,
-                        help="simulator graph scale (default 0.5, about 7,200 entities)")
-    parser.add_argument("--latency-ms", type=float, default=20.0,
-                        help="latency the simulator adds to every source request (default 20)")
-    parser.add_argument("--naive-sample", type=int, default=300,
-                        help="roots the naive walk runs on (default 300)")
+    parser.add_argument(
+        "--scale", type=float, default=0.5, help="simulator graph scale (default 0.5, about 7,200 entities)"
+    )
+    parser.add_argument(
+        "--latency-ms", type=float, default=20.0, help="latency the simulator adds to every source request (default 20)"
+    )
+    parser.add_argument("--naive-sample", type=int, default=300, help="roots the naive walk runs on (default 300)")
     parser.add_argument("--batch-size", type=int, default=500, help="claims per walker batch (default 500)")
     parser.add_argument("--max-cycles", type=int, default=5, help="enrichment cycles at most (default 5)")
     args = parser.parse_args(argv)
     if args.scale <= 0 or args.latency_ms < 0 or min(args.naive_sample, args.batch_size, args.max_cycles) < 1:
-        parser.error("--scale, --naive-sample, --batch-size and --max-cycles must be positive, "
-                     "--latency-ms not negative")
+        parser.error(
+            "--scale, --naive-sample, --batch-size and --max-cycles must be positive, --latency-ms not negative"
+        )
 
     policy = load_policy(SHIPPED_POLICY)
     graph = generate_graph(SEED, args.scale)
-    with tempfile.TemporaryDirectory(prefix="bench-enrich-") as tmp, \
-            simulator_process(args.scale, args.latency_ms, Path(tmp) / "simulator.log") as sim_url, \
-            bench_database() as url:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-enrich-") as tmp,
+        simulator_process(args.scale, args.latency_ms, Path(tmp) / "simulator.log") as sim_url,
+        bench_database() as url,
+    ):
         store = FactStore.from_url(url)
         store.migrate()
         server = describe_server(store.engine)
         total = sum(graph.counts().values())
         with console.status(f"batched walker: ingesting and enriching {total:,} entities"):
-            batched = run_batched(store, policy, graph, sim_url, batch_size=args.batch_size,
-                                  max_cycles=args.max_cycles)
+            batched = run_batched(store, policy, graph, sim_url, batch_size=args.batch_size, max_cycles=args.max_cycles)
         with console.status(f"naive walk over {args.naive_sample} sampled roots"):
             naive = run_naive(policy, graph, sim_url, args.naive_sample)
         agreed = agreement(store, naive)

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 
 import httpx
 import sqlalchemy as sa
+from _common import bench_database, console, describe_server, median, percentile, print_table, stop_process, verdict
 from sqlalchemy.dialects import postgresql
 
 from enrichment_assets.api.server import free_port
@@ -46,8 +47,6 @@ from enrichment_assets.events import Event, EventType
 from enrichment_assets.factstore import FactStore
 from enrichment_assets.factstore.schema import entities
 from enrichment_assets.settings import Settings
-
-from _common import bench_database, console, describe_server, median, percentile, print_table, stop_process, verdict
 
 BARE_TABLE = "bench_bare_upsert"
 # The columns FactStore.ingest_events writes; the bare upsert overwrites all but the key and first_seen_at.
@@ -76,9 +75,7 @@ class Batches:
 
     def events(self, prefix: str, index: int, event_type: EventType, occurred_at: datetime) -> list[Event]:
         return [
-            Event(
-                entity_type=t, entity_id=f"{prefix}-{n:09d}", event_type=event_type, occurred_at=occurred_at
-            )
+            Event(entity_type=t, entity_id=f"{prefix}-{n:09d}", event_type=event_type, occurred_at=occurred_at)
             for t, n in self._ids(index)
         ]
 
@@ -86,8 +83,7 @@ class Batches:
         stamp = occurred_at.isoformat()
         lines = (
             json.dumps(
-                {"entity_type": t, "entity_id": f"{prefix}-{n:09d}", "event_type": "created",
-                 "occurred_at": stamp},
+                {"entity_type": t, "entity_id": f"{prefix}-{n:09d}", "event_type": "created", "occurred_at": stamp},
                 separators=(",", ":"),
             )
             for t, n in self._ids(index)
@@ -116,9 +112,7 @@ class Run:
 # -- baselines: no HTTP ---------------------------------------------------------------------------
 
 
-def time_batches(
-    label: str, batches: Batches, prepare: Callable[[int], T], write: Callable[[T], object]
-) -> Run:
+def time_batches(label: str, batches: Batches, prepare: Callable[[int], T], write: Callable[[T], object]) -> Run:
     """Time ``write(prepare(i))`` for each batch; ``prepare`` (building the input) is not timed."""
     seconds: list[float] = []
     for index in range(batches.count):
@@ -171,9 +165,7 @@ def run_baselines(store: FactStore, batches: Batches, t0: datetime) -> list[Run]
     later = t0 + timedelta(seconds=1)
 
     def factstore(label: str, event_type: EventType, at: datetime) -> Run:
-        return time_batches(
-            label, batches, lambda i: batches.events("raw", i, event_type, at), store.ingest_events
-        )
+        return time_batches(label, batches, lambda i: batches.events("raw", i, event_type, at), store.ingest_events)
 
     def bare(label: str, stmt: sa.Insert, prefix: str, at: datetime) -> Run:
         def write(rows: list[dict[str, Any]]) -> None:
@@ -229,7 +221,9 @@ def api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [str(executable), "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -343,11 +337,13 @@ def report(baselines: list[Run], http_runs: list[Run], singles_ms: list[float], 
         print_table(
             "Single-event POST /v1/events, sequential, one keep-alive connection (ms)",
             ["requests", "p50", "p90", "p99", "max"],
-            [[
-                f"{len(singles_ms):,}",
-                *(f"{percentile(singles_ms, q):.2f}" for q in (50, 90, 99)),
-                f"{max(singles_ms):.2f}",
-            ]],
+            [
+                [
+                    f"{len(singles_ms):,}",
+                    *(f"{percentile(singles_ms, q):.2f}" for q in (50, 90, 99)),
+                    f"{max(singles_ms):.2f}",
+                ]
+            ],
         )
     http = http_runs[0]
     share = http.overall_rate / reference
@@ -371,13 +367,12 @@ def report(baselines: list[Run], http_runs: list[Run], singles_ms: list[float], 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=30, help="timed HTTP batches per row (default 30)")
-    parser.add_argument("--baseline-batches", type=int, default=10,
-                        help="batches per baseline row (default 10)")
+    parser.add_argument("--baseline-batches", type=int, default=10, help="batches per baseline row (default 10)")
     parser.add_argument("--batch-size", type=int, default=10_000, help="events per batch (default 10000)")
-    parser.add_argument("--singles", type=int, default=2_000,
-                        help="single-event POSTs (default 2000; 0 skips)")
-    parser.add_argument("--clients", type=int, default=2,
-                        help="connections for the concurrent row (default 2; 1 skips)")
+    parser.add_argument("--singles", type=int, default=2_000, help="single-event POSTs (default 2000; 0 skips)")
+    parser.add_argument(
+        "--clients", type=int, default=2, help="connections for the concurrent row (default 2; 1 skips)"
+    )
     args = parser.parse_args(argv)
     if min(args.batches, args.baseline_batches, args.batch_size) < 1:
         parser.error("--batches, --baseline-batches and --batch-size must be positive")

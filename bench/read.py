@@ -49,19 +49,18 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httpx
+from _common import api_server, bench_database, console, describe_server, percentile, print_table, verdict
 
-from enrichment_assets.events import Event
-from enrichment_assets.factstore import FactStore
-from enrichment_assets.hydration.client import encode_segment
-from enrichment_assets.steps.cycle import enrich_once
-from enrichment_assets.hydration.paths import extract_ids
-from enrichment_assets.policy import Policy, load_policy
-from enrichment_assets.settings import SHIPPED_POLICY
 from enrichment_assets.dev.simulator.events import thin_events
 from enrichment_assets.dev.simulator.graph import MdsGraph
 from enrichment_assets.dev.simulator.server import simulator_server
-
-from _common import api_server, bench_database, console, describe_server, percentile, print_table, verdict
+from enrichment_assets.events import Event
+from enrichment_assets.factstore import FactStore
+from enrichment_assets.hydration.client import encode_segment
+from enrichment_assets.hydration.paths import extract_ids
+from enrichment_assets.policy import Policy, load_policy
+from enrichment_assets.settings import SHIPPED_POLICY
+from enrichment_assets.steps.cycle import enrich_once
 
 ROOT_TYPE = "model_instance"
 RELATION = "evaluated_in"
@@ -160,7 +159,9 @@ class SyncWalker:
         return {body["id"] for _, body in frontier}
 
 
-def time_calls(call: Callable[[str], set[str]], ids: Sequence[str], count: int, warmup: int) -> tuple[list[float], dict[str, set[str]]]:
+def time_calls(
+    call: Callable[[str], set[str]], ids: Sequence[str], count: int, warmup: int
+) -> tuple[list[float], dict[str, set[str]]]:
     """``call`` on ``ids`` in turn: ``warmup`` untimed calls, then ``count`` timed ones (ms), and the answers."""
     answers: dict[str, set[str]] = {}
     for n in range(warmup):
@@ -223,30 +224,59 @@ def mismatches(left: dict[str, set[str]], right: dict[str, set[str]]) -> list[st
     return sorted(i for i in left if left[i] != right.get(i))
 
 
-def report(walk: Timings, edge: Timings, references: Sequence[Timings], walk_answers: dict[str, set[str]],
-           edge_answers: dict[str, set[str]], truth: dict[str, set[str]], caption: str) -> None:
+def report(
+    walk: Timings,
+    edge: Timings,
+    references: Sequence[Timings],
+    walk_answers: dict[str, set[str]],
+    edge_answers: dict[str, set[str]],
+    truth: dict[str, set[str]],
+    caption: str,
+) -> None:
     def row(t: Timings) -> list[str]:
-        return [t.label, f"{len(t.ms):,}", f"{t.requests_each:.2f}",
-                *(f"{t.at(q):.2f}" for q in (50, 90, 99)), f"{max(t.ms):.2f}"]
+        return [
+            t.label,
+            f"{len(t.ms):,}",
+            f"{t.requests_each:.2f}",
+            *(f"{t.at(q):.2f}" for q in (50, 90, 99)),
+            f"{max(t.ms):.2f}",
+        ]
 
     speedup = {q: walk.at(q) / edge.at(q) for q in (50, 90, 99)}
     print_table(
         "Sync walk on read vs materialized edge (ms)",
         ["read path", "timed", "HTTP GETs each", "p50", "p90", "p99", "max"],
-        [row(walk), row(edge), ["speedup (walk / edge)", "", "", *(f"{speedup[q]:,.0f}x" for q in (50, 90, 99)),
-                                f"{max(walk.ms) / max(edge.ms):,.0f}x"],
-         *(row(t) for t in references)],
+        [
+            row(walk),
+            row(edge),
+            [
+                "speedup (walk / edge)",
+                "",
+                "",
+                *(f"{speedup[q]:,.0f}x" for q in (50, 90, 99)),
+                f"{max(walk.ms) / max(edge.ms):,.0f}x",
+            ],
+            *(row(t) for t in references),
+        ],
         caption=caption,
     )
     p99 = edge.at(99)
-    console.print(f"Edge lookup: p50 {edge.at(50):.2f} ms, [bold]p99 {p99:.2f} ms[/bold], "
-                  f"{verdict(p99 <= TARGET_P99_MS)} target p99 <= {TARGET_P99_MS:.0f} ms")
-    console.print(f"Speedup over the synchronous walk: [bold]{speedup[50]:,.0f}x at p50, {speedup[99]:,.0f}x at p99[/bold], "
-                  f"{verdict(min(speedup[50], speedup[99]) >= TARGET_SPEEDUP)} target >= {TARGET_SPEEDUP:.0f}x")
+    console.print(
+        f"Edge lookup: p50 {edge.at(50):.2f} ms, [bold]p99 {p99:.2f} ms[/bold], "
+        f"{verdict(p99 <= TARGET_P99_MS)} target p99 <= {TARGET_P99_MS:.0f} ms"
+    )
+    console.print(
+        f"Speedup over the synchronous walk: [bold]{speedup[50]:,.0f}x at p50, {speedup[99]:,.0f}x at p99[/bold], "
+        f"{verdict(min(speedup[50], speedup[99]) >= TARGET_SPEEDUP)} target >= {TARGET_SPEEDUP:.0f}x"
+    )
     differ = mismatches(walk_answers, edge_answers)
     walk_wrong, edge_wrong = mismatches(walk_answers, truth), mismatches(edge_answers, truth)
     with_tests = sum(1 for answer in truth.values() if answer)
-    sample = f" (e.g. {differ[0]}: walk {sorted(walk_answers[differ[0]])}, edge {sorted(edge_answers[differ[0]])})" if differ else ""
+    sample = (
+        f" (e.g. {differ[0]}: walk {sorted(walk_answers[differ[0]])}, edge {sorted(edge_answers[differ[0]])})"
+        if differ
+        else ""
+    )
     console.print(
         f"Same A/B test set: {len(walk_answers):,} ids compared ({with_tests:,} in at least one test), "
         f"[bold]{len(differ)} mismatches[/bold] between walk and edge{sample}; against the simulator's graph: "
@@ -258,7 +288,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=float, default=0.1, help="simulator graph scale (default 0.1)")
     parser.add_argument("--seed", type=int, default=7, help="graph and sample seed (default 7)")
-    parser.add_argument("--latency-ms", type=float, default=20.0, help="simulated latency per source request (default 20)")
+    parser.add_argument(
+        "--latency-ms", type=float, default=20.0, help="simulated latency per source request (default 20)"
+    )
     parser.add_argument("--samples", type=int, default=200, help="model instances sampled (default 200)")
     parser.add_argument("--requests", type=int, default=5_000, help="timed edge lookups (default 5000)")
     parser.add_argument("--warmup", type=int, default=500, help="untimed edge lookups first (default 500)")
@@ -268,8 +300,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     policy = load_policy(SHIPPED_POLICY)
     hops = next(rule.path for rule in policy.effective(ROOT_TYPE).edges if rule.relation == RELATION)
-    with bench_database() as url, simulator_server(seed=args.seed, scale=args.scale,
-                                                    knobs={"latency_ms": args.latency_ms}) as sim:
+    with (
+        bench_database() as url,
+        simulator_server(seed=args.seed, scale=args.scale, knobs={"latency_ms": args.latency_ms}) as sim,
+    ):
         environ = sim.environ()
         # enrich_once reads the sources' base URLs from the environment; the API process inherits them.
         os.environ.update(environ)
@@ -279,8 +313,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         caption = describe_server(store.engine)
         with console.status(f"materializing: {sum(graph.counts().values()):,} entities ingested and enriched"):
             events, cycles, seconds = materialize(store, policy, graph)
-        console.print(f"materialized {sum(store.edge_counts().values()):,} live edges from {events:,} thin events in "
-                      f"{cycles} enrichment cycles, {seconds:.0f} s (sources at {args.latency_ms:.0f} ms per request)")
+        console.print(
+            f"materialized {sum(store.edge_counts().values()):,} live edges from {events:,} thin events in "
+            f"{cycles} enrichment cycles, {seconds:.0f} s (sources at {args.latency_ms:.0f} ms per request)"
+        )
 
         ids = random.Random(args.seed).sample(graph.ids(ROOT_TYPE), min(args.samples, len(graph.ids(ROOT_TYPE))))
         truth = {i: graph.walk(ROOT_TYPE, i, hops) for i in ids}
@@ -309,11 +345,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     walk = Timings(f"sync walk on read ({args.latency_ms:.0f} ms per source GET)", walk_ms, per_walk)
     edge = Timings(f"materialized: GET .../edges?relation={RELATION}", edge_ms)
-    references = [Timings("  reference: the same lookups through httpx.Client", httpx_ms),
-                  Timings("  reference: GET /healthz (HTTP + DB ping)", health_ms),
-                  Timings("  reference: FactStore.entity_edges in-process", local_ms, 0.0)]
-    caption += (f"\nsimulator seed {args.seed}, scale {args.scale}: {sum(graph.counts().values()):,} entities; "
-                f"{len(ids):,} sampled {ROOT_TYPE} ids; all requests sequential over one keep-alive connection")
+    references = [
+        Timings("  reference: the same lookups through httpx.Client", httpx_ms),
+        Timings("  reference: GET /healthz (HTTP + DB ping)", health_ms),
+        Timings("  reference: FactStore.entity_edges in-process", local_ms, 0.0),
+    ]
+    caption += (
+        f"\nsimulator seed {args.seed}, scale {args.scale}: {sum(graph.counts().values()):,} entities; "
+        f"{len(ids):,} sampled {ROOT_TYPE} ids; all requests sequential over one keep-alive connection"
+    )
     report(walk, edge, references, walk_answers, edge_answers, truth, caption)
 
 

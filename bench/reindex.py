@@ -44,8 +44,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from _common import (
+    bench_database,
+    console,
+    describe_search,
+    describe_server,
+    elasticsearch_server,
+    percentile,
+    print_table,
+    verdict,
+)
 from elasticsearch import Elasticsearch, helpers
 
+from enrichment_assets.dev.simulator.graph import BASE_COUNTS, MdsGraph, generate_graph
 from enrichment_assets.events import Event, EventType
 from enrichment_assets.factstore import DerivedEdge, EntityKey, FactStore, Outcome, RetryPolicy
 from enrichment_assets.factstore.models import ReferenceFact
@@ -56,12 +67,6 @@ from enrichment_assets.search import Action, SearchIndex, actions_for, build_doc
 from enrichment_assets.search.documents import document_id
 from enrichment_assets.search.mappings import MAPPINGS
 from enrichment_assets.settings import SHIPPED_POLICY
-from enrichment_assets.dev.simulator.graph import BASE_COUNTS, MdsGraph, generate_graph
-
-from _common import (
-    bench_database, console, describe_search, describe_server, elasticsearch_server, percentile, print_table,
-    verdict,
-)
 
 OWNER = "bench-reindex"
 LEASE = timedelta(minutes=30)
@@ -153,14 +158,19 @@ def derived_edges(policy: Policy, graph: MdsGraph, key: EntityKey) -> tuple[Deri
 
 def ingest(store: FactStore, keys: Sequence[EntityKey], event_type: EventType, at: datetime) -> None:
     for start in range(0, len(keys), INGEST_BATCH):
-        store.ingest_events([
-            Event(entity_type=t, entity_id=i, event_type=event_type, occurred_at=at)
-            for t, i in keys[start : start + INGEST_BATCH]
-        ])
+        store.ingest_events(
+            [
+                Event(entity_type=t, entity_id=i, event_type=event_type, occurred_at=at)
+                for t, i in keys[start : start + INGEST_BATCH]
+            ]
+        )
 
 
 def enrich_due(
-    store: FactStore, policy: Policy, graph: MdsGraph, entity_type: str,
+    store: FactStore,
+    policy: Policy,
+    graph: MdsGraph,
+    entity_type: str,
     attributes: Callable[[dict[str, Any]], dict[str, Any]] = dict,
 ) -> int:
     """Claim and finish every due entity of one type as ``enriched``; returns how many."""
@@ -168,8 +178,9 @@ def enrich_due(
     while claims := store.claim(entity_type, limit=ENRICH_BATCH, owner=OWNER, lease=LEASE):
         store.record_walk([], {c.key: references_of(policy, graph, c.key) for c in claims})
         outcomes = [
-            Outcome.of(c, "enriched", attributes=attributes(graph.get(*c.key) or {}),
-                       edges=derived_edges(policy, graph, c.key))
+            Outcome.of(
+                c, "enriched", attributes=attributes(graph.get(*c.key) or {}), edges=derived_edges(policy, graph, c.key)
+            )
             for c in claims
         ]
         result = store.finish(OWNER, outcomes, RetryPolicy())
@@ -216,7 +227,9 @@ def prebuild(store: FactStore, policy: Policy, keys: Sequence[EntityKey]) -> Pre
     out = Prebuilt()
     for start in range(0, len(keys), READ_BATCH):
         began = time.perf_counter()
-        sources = store.document_sources(keys[start : start + READ_BATCH], cap=policy.defaults.document_relationship_cap)
+        sources = store.document_sources(
+            keys[start : start + READ_BATCH], cap=policy.defaults.document_relationship_cap
+        )
         built = time.perf_counter()
         out.actions += [
             Action(document_id(*s.key), s.doc_version, None if s.state == "deleted" else build_document(policy, s))
@@ -227,12 +240,12 @@ def prebuild(store: FactStore, policy: Policy, keys: Sequence[EntityKey]) -> Pre
     return out
 
 
-def raw_bulk(client: Elasticsearch, index: str, actions: Sequence[Action], chunk_size: int, *,
-             refresh: bool) -> float:
+def raw_bulk(client: Elasticsearch, index: str, actions: Sequence[Action], chunk_size: int, *, refresh: bool) -> float:
     """Seconds to bulk-write ``actions`` (and refresh, if asked); every item must succeed."""
     started = time.perf_counter()
-    ok, failed = helpers.bulk(client, (a.as_bulk(index) for a in actions), chunk_size=chunk_size,
-                              raise_on_error=False, stats_only=True)
+    ok, failed = helpers.bulk(
+        client, (a.as_bulk(index) for a in actions), chunk_size=chunk_size, raise_on_error=False, stats_only=True
+    )
     if refresh:
         client.indices.refresh(index=index)
     elapsed = time.perf_counter() - started
@@ -293,7 +306,9 @@ def time_rebuild(store: TimedFactStore, policy: Policy, index: SearchIndex) -> t
     _, report = rebuild_index(store, policy, index, progress=lambda _n: ticks.append(time.perf_counter()))
     ended = time.perf_counter()
     if report.failures:
-        raise RuntimeError(f"rebuild left {len(report.failures):,} failures, e.g. {next(iter(report.failures.items()))}")
+        raise RuntimeError(
+            f"rebuild left {len(report.failures):,} failures, e.g. {next(iter(report.failures.items()))}"
+        )
     listed = store.first("document_versions", started)
     first_read = store.first("document_sources", listed[1])
     built = ticks[-1]
@@ -350,8 +365,14 @@ def print_phases(title: str, total: Run, phases: Sequence[Phase], caption: str =
     print_table(title, ["phase", "seconds", "share", "same work standalone (s)"], rows, caption=caption)
 
 
-def report(runs: dict[str, Run], rebuild_phases: list[Phase], sync_phases: list[Phase], docs: DocumentShape,
-           rss_growth: float, caption: str) -> None:
+def report(
+    runs: dict[str, Run],
+    rebuild_phases: list[Phase],
+    sync_phases: list[Phase],
+    docs: DocumentShape,
+    rss_growth: float,
+    caption: str,
+) -> None:
     rebuild, raw, bare = runs["rebuild"], runs["raw"], runs["bare"]
     sync, raw_changed = runs["sync"], runs["raw_changed"]
     rows = [
@@ -362,11 +383,18 @@ def report(runs: dict[str, Run], rebuild_phases: list[Phase], sync_phases: list[
         f"documents: {docs.documents:,}, relationships per document mean {docs.relationships_mean:.1f}, "
         f"p99 {docs.relationships_p99:.0f}, max {docs.relationships_max:,}; {docs.megabytes:,.0f} MB of JSON"
     )
-    print_table("Re-index throughput (documents per second)",
-                ["path", "documents", "seconds", "docs/s", "vs raw bulk of the same docs"], rows,
-                caption=f"{caption}\n{shape_line}")
-    print_phases("Where the full rebuild's time went", rebuild, rebuild_phases,
-                 caption=f"process peak memory grew {rss_growth:,.0f} MB during the rebuild")
+    print_table(
+        "Re-index throughput (documents per second)",
+        ["path", "documents", "seconds", "docs/s", "vs raw bulk of the same docs"],
+        rows,
+        caption=f"{caption}\n{shape_line}",
+    )
+    print_phases(
+        "Where the full rebuild's time went",
+        rebuild,
+        rebuild_phases,
+        caption=f"process peak memory grew {rss_growth:,.0f} MB during the rebuild",
+    )
     print_phases(f"Where the incremental sync's time went ({sync.documents:,} documents)", sync, sync_phases)
     share = rebuild.rate / raw.rate
     console.print(
@@ -383,8 +411,12 @@ def report(runs: dict[str, Run], rebuild_phases: list[Phase], sync_phases: list[
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entities", type=int, default=100_000, help="entities in the store (default 100000)")
-    parser.add_argument("--changed", type=int, default=20_000,
-                        help=f"{CHANGED_TYPE} entities changed for the incremental sync (default 20000)")
+    parser.add_argument(
+        "--changed",
+        type=int,
+        default=20_000,
+        help=f"{CHANGED_TYPE} entities changed for the incremental sync (default 20000)",
+    )
     parser.add_argument("--seed", type=int, default=7, help="graph seed (default 7)")
     args = parser.parse_args(argv)
     if args.entities < 100 or args.changed < 1:
@@ -395,7 +427,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     with console.status("generating the graph"):
         graph = mds_graph(args.entities, args.seed)
     changed_ids = graph.ids(CHANGED_TYPE)
-    changed_keys = [(CHANGED_TYPE, i) for i in random.Random(args.seed).sample(changed_ids, min(args.changed, len(changed_ids)))]
+    changed_keys = [
+        (CHANGED_TYPE, i) for i in random.Random(args.seed).sample(changed_ids, min(args.changed, len(changed_ids)))
+    ]
 
     with bench_database() as url, elasticsearch_server() as search_url:
         store = TimedFactStore.from_url(url)
@@ -407,8 +441,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             with console.status(f"filling the fact store: {sum(graph.counts().values()):,} entities, enriched"):
                 started = time.perf_counter()
                 total = fill(store, policy, graph, t0)
-            console.print(f"filled and enriched {total:,} entities ({', '.join(f'{t} {n:,}' for t, n in graph.counts().items())}) "
-                          f"in {time.perf_counter() - started:.0f} s")
+            by_type = ", ".join(f"{t} {n:,}" for t, n in graph.counts().items())
+            console.print(
+                f"filled and enriched {total:,} entities ({by_type}) in {time.perf_counter() - started:.0f} s"
+            )
 
             with console.status(f"full rebuild of {total:,} documents"):
                 index.ensure()
@@ -422,11 +458,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             with console.status(f"baseline: raw bulk of {len(pre.actions):,} documents"):
                 create_scratch(index.client, scratch)
                 create_scratch(index.client, bare_scratch)
-                raw = Run("raw bulk of the same documents (baseline)", len(pre.actions),
-                          raw_bulk(index.client, scratch, pre.actions, index.chunk_size, refresh=True))
-                bare = Run("  reference: same documents, no relationships", len(pre.actions),
-                           raw_bulk(index.client, bare_scratch, without_relationships(pre.actions), index.chunk_size,
-                                    refresh=True))
+                raw = Run(
+                    "raw bulk of the same documents (baseline)",
+                    len(pre.actions),
+                    raw_bulk(index.client, scratch, pre.actions, index.chunk_size, refresh=True),
+                )
+                bare = Run(
+                    "  reference: same documents, no relationships",
+                    len(pre.actions),
+                    raw_bulk(
+                        index.client, bare_scratch, without_relationships(pre.actions), index.chunk_size, refresh=True
+                    ),
+                )
             for position, standalone in ((2, pre.read_seconds), (3, pre.build_seconds), (4, raw.seconds)):
                 phase = rebuild_phases[position]
                 rebuild_phases[position] = Phase(phase.label, phase.seconds, standalone)
@@ -436,12 +479,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                 change(store, policy, graph, changed_keys, t0 + timedelta(minutes=30))
                 backlog = len(store.index_backlog(limit=len(changed_keys) * 2 + 1000))
             if backlog != len(changed_keys):
-                console.print(f"[yellow]the outbox holds {backlog:,} entities for {len(changed_keys):,} changed[/yellow]")
+                console.print(
+                    f"[yellow]the outbox holds {backlog:,} entities for {len(changed_keys):,} changed[/yellow]"
+                )
             with console.status(f"baseline: raw bulk of the {backlog:,} changed documents"):
                 changed_actions, _ = actions_for(store, policy, store.index_backlog(limit=backlog))
                 index.client.indices.put_settings(index=scratch, settings={"refresh_interval": "1s"})
-                raw_changed = Run(f"raw bulk of the same {len(changed_actions):,} (baseline)", len(changed_actions),
-                                  raw_bulk(index.client, scratch, changed_actions, index.chunk_size, refresh=False))
+                raw_changed = Run(
+                    f"raw bulk of the same {len(changed_actions):,} (baseline)",
+                    len(changed_actions),
+                    raw_bulk(index.client, scratch, changed_actions, index.chunk_size, refresh=False),
+                )
             with console.status(f"incremental sync of {backlog:,} documents"):
                 sync, sync_phases = time_sync(store, policy, index, backlog)
             left = len(store.index_backlog(limit=10))

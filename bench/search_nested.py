@@ -26,28 +26,49 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from _common import console, describe_search, elasticsearch_server, median, print_table
 from elasticsearch import Elasticsearch, helpers
 
 from enrichment_assets.search.mappings import MAPPINGS, SETTINGS
 
-from _common import console, describe_search, elasticsearch_server, median, print_table
-
 
 def document(n: int, nested: int) -> dict[str, Any]:
-    relationships = [{
-        "relation": "evaluated_in", "direction": "in", "derived": True, "other_type": "model_instance",
-        "other_id": f"mi-{n * 7 + j}", "other_name": f"model instance {n * 7 + j}",
-        "path": [f"model_instance:mi-{n * 7 + j}", f"pipeline_run:pr-{j}", f"ab_test:ab-{n}"],
-    } for j in range(nested)]
-    return {"entity_type": "ab_test", "entity_id": f"ab-{n}", "name": f"A/B test {n}", "state": "fully_enriched",
-            "version": 1, "first_seen_at": "2026-11-28T00:00:00+00:00", "attributes": {"status": "running"},
-            "relationships": relationships,
-            "relationship_totals": [{"relation": "evaluated_in", "direction": "in", "derived": True, "total": nested}]}
+    relationships = [
+        {
+            "relation": "evaluated_in",
+            "direction": "in",
+            "derived": True,
+            "other_type": "model_instance",
+            "other_id": f"mi-{n * 7 + j}",
+            "other_name": f"model instance {n * 7 + j}",
+            "path": [f"model_instance:mi-{n * 7 + j}", f"pipeline_run:pr-{j}", f"ab_test:ab-{n}"],
+        }
+        for j in range(nested)
+    ]
+    return {
+        "entity_type": "ab_test",
+        "entity_id": f"ab-{n}",
+        "name": f"A/B test {n}",
+        "state": "fully_enriched",
+        "version": 1,
+        "first_seen_at": "2026-11-28T00:00:00+00:00",
+        "attributes": {"status": "running"},
+        "relationships": relationships,
+        "relationship_totals": [{"relation": "evaluated_in", "direction": "in", "derived": True, "total": nested}],
+    }
 
 
 def write(client: Elasticsearch, index: str, docs: list[dict[str, Any]], version: int) -> float:
-    actions = [{"_index": index, "_id": d["entity_id"], "_version": version, "_version_type": "external",
-                "_source": {**d, "version": version}} for d in docs]
+    actions = [
+        {
+            "_index": index,
+            "_id": d["entity_id"],
+            "_version": version,
+            "_version_type": "external",
+            "_source": {**d, "version": version},
+        }
+        for d in docs
+    ]
     started = time.perf_counter()
     ok, errors = helpers.bulk(client, actions, chunk_size=500, raise_on_error=False, stats_only=True)
     seconds = time.perf_counter() - started
@@ -58,10 +79,19 @@ def write(client: Elasticsearch, index: str, docs: list[dict[str, Any]], version
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nested", type=int, nargs="+", default=[0, 10, 25, 50, 100, 200],
-                        help="relationships per document to measure (0 is the baseline and is always run)")
-    parser.add_argument("--nested-objects", type=int, default=60_000,
-                        help="nested objects per row, which sets its document count (default 60,000)")
+    parser.add_argument(
+        "--nested",
+        type=int,
+        nargs="+",
+        default=[0, 10, 25, 50, 100, 200],
+        help="relationships per document to measure (0 is the baseline and is always run)",
+    )
+    parser.add_argument(
+        "--nested-objects",
+        type=int,
+        default=60_000,
+        help="nested objects per row, which sets its document count (default 60,000)",
+    )
     args = parser.parse_args(argv)
     counts = sorted({0, *args.nested})
     if counts[0] < 0 or args.nested_objects < 1:
@@ -88,13 +118,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     flat = median([size / new for nested, size, new, _ in rows if nested == 0])
     print_table(
         "Bulk rate against nested relationships per document",
-        ["relationships per document", "documents", "new docs/s", "rewritten docs/s", "nested objects/s",
-         "new docs/s vs none"],
-        [[f"{nested}", f"{size:,}", f"{size / new:,.0f}", f"{size / rewrite:,.0f}",
-          f"{size * nested / new:,.0f}" if nested else "-", f"{size / new / flat:.0%}"]
-         for nested, size, new, rewrite in rows],
+        [
+            "relationships per document",
+            "documents",
+            "new docs/s",
+            "rewritten docs/s",
+            "nested objects/s",
+            "new docs/s vs none",
+        ],
+        [
+            [
+                f"{nested}",
+                f"{size:,}",
+                f"{size / new:,.0f}",
+                f"{size / rewrite:,.0f}",
+                f"{size * nested / new:,.0f}" if nested else "-",
+                f"{size / new / flat:.0%}",
+            ]
+            for nested, size, new, rewrite in rows
+        ],
         caption=f"{server}; requests of 500 documents, external versions, refresh_interval "
-                f"{SETTINGS['refresh_interval']}",
+        f"{SETTINGS['refresh_interval']}",
     )
 
 

@@ -6,8 +6,8 @@ sqlite`` puts that in ``$DAGSTER_HOME`` instead); the Elasticsearch-compatible s
 simulator as ``bench/enrich.py`` runs it (``--latency-ms`` added to every answer, no faults); ``enrichment
 serve``; and, from phase 2
 on, ``LocalDagster``: ``dagster-webserver`` plus ``dagster-daemon`` running ``uncached_entities_sensor``
-every ``--sensor-interval`` seconds, at most ``--max-concurrent-runs`` runs at once, one hydration step
-per source pool (``orchestration.instance_config``).
+every ``--sensor-interval`` seconds, at most ``--max-concurrent-runs`` runs at once, the sources' limits
+shared by every run through the fact store (``local_dagster.instance_config``).
 
 The events are the simulator graph's thin ``created`` events in its seeded shuffled order, except that
 every entity follows the entities it references (a model instance after its model, pipeline run and
@@ -69,22 +69,33 @@ from typing import Any
 
 import httpx
 import sqlalchemy as sa
+from _common import (
+    SEED,
+    api_server,
+    console,
+    describe_search,
+    describe_server,
+    elasticsearch_server,
+    fresh_database,
+    median,
+    percentile,
+    postgres_server,
+    print_table,
+    simulator_process,
+    source_environ,
+    verdict,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 
-from enrichment_assets.factstore import FactStore
-from enrichment_assets.factstore.schema import PENDING_STATES, entities
 from enrichment_assets.dev.local_dagster import LOCATION, LocalDagster
-from enrichment_assets.search.documents import document_id
-from enrichment_assets.search.index import SearchIndex
 from enrichment_assets.dev.simulator.catalog import REFERENCES
 from enrichment_assets.dev.simulator.events import thin_events
 from enrichment_assets.dev.simulator.graph import BASE_COUNTS, MdsGraph, count_for, generate_graph
-
-from _common import (
-    SEED, api_server, console, describe_search, describe_server, elasticsearch_server, fresh_database, median,
-    percentile, postgres_server, print_table, simulator_process, source_environ, verdict,
-)
+from enrichment_assets.factstore import FactStore
+from enrichment_assets.factstore.schema import PENDING_STATES, entities
+from enrichment_assets.search.documents import document_id
+from enrichment_assets.search.index import SearchIndex
 
 ROOT_TYPE = "model_instance"
 NDJSON = {"content-type": "application/x-ndjson"}
@@ -92,8 +103,13 @@ IN_FLIGHT = 8
 WARMUP_SECONDS = 5  # of untimed POSTs before the idle phase: a fresh server's first requests are slow
 POLL_SECONDS = 0.5
 POLL_CHUNK = 1_000
-WATCHED_FIELDS = ("entity_id", "relationships.relation", "relationships.other_id", "relationships.derived",
-                  "relationships.direction")
+WATCHED_FIELDS = (
+    "entity_id",
+    "relationships.relation",
+    "relationships.other_id",
+    "relationships.derived",
+    "relationships.direction",
+)
 SENSOR_MAX_PAIRS = 8  # ENRICHMENT_SENSOR_MAX_PAIRS, set explicitly so the figure names it
 TARGET_P95_SECONDS = 30.0
 TARGET_RATIO = 1.2
@@ -162,8 +178,13 @@ class Ingest:
         return len(self.latency) / self.wall if self.wall else 0.0
 
 
-async def _paced(url: str, events: Sequence[Mapping[str, Any]], result: Ingest,
-                 on_sent: Callable[[int, float], None], progress: Callable[[int], None]) -> None:
+async def _paced(
+    url: str,
+    events: Sequence[Mapping[str, Any]],
+    result: Ingest,
+    on_sent: Callable[[int, float], None],
+    progress: Callable[[int], None],
+) -> None:
     bodies = [body(e) for e in events]
     result.sent_at = [0.0] * len(bodies)
     result.latency = [0.0] * len(bodies)
@@ -206,12 +227,19 @@ async def _paced(url: str, events: Sequence[Mapping[str, Any]], result: Ingest,
         result.wall = time.perf_counter() - start
 
 
-def ingest_at_rate(url: str, label: str, events: Sequence[Mapping[str, Any]], rate: float, *,
-                   cpu: Callable[[], dict[str, float]],
-                   on_sent: Callable[[int, float], None] = lambda i, t: None) -> Ingest:
+def ingest_at_rate(
+    url: str,
+    label: str,
+    events: Sequence[Mapping[str, Any]],
+    rate: float,
+    *,
+    cpu: Callable[[], dict[str, float]],
+    on_sent: Callable[[int, float], None] = lambda i, t: None,
+) -> Ingest:
     result = Ingest(label, rate)
     before = cpu()
     with console.status(f"{label}: POSTing {len(events):,} events at {rate:g}/s") as status:
+
         def progress(index: int) -> None:
             status.update(f"{label}: {index:,}/{len(events):,} events sent at {rate:g}/s")
 
@@ -221,8 +249,10 @@ def ingest_at_rate(url: str, label: str, events: Sequence[Mapping[str, Any]], ra
     if result.errors:
         raise RuntimeError(f"{label}: {result.errors} events were not accepted")
     if result.retries:
-        console.print(f"[yellow]{label}: {result.retries} POSTs were sent again after their connection "
-                      "failed (counted in their latency)[/yellow]")
+        console.print(
+            f"[yellow]{label}: {result.retries} POSTs were sent again after their connection "
+            "failed (counted in their latency)[/yellow]"
+        )
     return result
 
 
@@ -233,8 +263,11 @@ DAGSTER = "Dagster (daemon, webserver, code servers, run workers)"
 # Dagster is one role: a code server that exits is reaped by the daemon or the webserver, so its CPU
 # (run workers' included) moves to them, and a finer split could show negative deltas.
 CPU_ROLES = (
-    ("dagster-daemon", DAGSTER), ("dagster-webserver", DAGSTER), ("-m dagster api", DAGSTER),
-    ("bin/dagster api", DAGSTER), ("enrichment_assets.dev.codeserver", DAGSTER),
+    ("dagster-daemon", DAGSTER),
+    ("dagster-webserver", DAGSTER),
+    ("-m dagster api", DAGSTER),
+    ("bin/dagster api", DAGSTER),
+    ("enrichment_assets.dev.codeserver", DAGSTER),
     ("noida-db", "search server (noida-db)"),
     (" serve --host", "API server (enrichment serve)"),
     ("enrichment_assets.dev.simulator", "source simulator"),
@@ -259,8 +292,9 @@ def _proc_table() -> dict[int, tuple[int, str, float]]:
     return table
 
 
-def process_roles(table: Mapping[int, tuple[int, str, float]],
-                  postgres_port: int | None) -> dict[int, tuple[str, list[str]]]:
+def process_roles(
+    table: Mapping[int, tuple[int, str, float]], postgres_port: int | None
+) -> dict[int, tuple[str, list[str]]]:
     """pid -> (role, command lines from the process up to this benchmark) for this benchmark's process
     tree and its PostgreSQL server (by port); other processes are left out."""
     me = os.getpid()
@@ -338,8 +372,11 @@ def _watch(es_url: str, alias: str, facts_url: str, inbox: mp.Queue, outbox: mp.
                 if not doc.get("found"):
                     continue
                 source = doc["_source"]
-                found = {(r["relation"], r["other_id"]) for r in source.get("relationships", [])
-                         if r.get("derived") and r.get("direction") == "out"}
+                found = {
+                    (r["relation"], r["other_id"])
+                    for r in source.get("relationships", [])
+                    if r.get("derived") and r.get("direction") == "out"
+                }
                 entity_id = source["entity_id"]
                 if waiting[entity_id] <= found:
                     outbox.put((entity_id, seen_at))
@@ -373,8 +410,12 @@ class Watcher:
         self._inbox: mp.Queue = context.Queue()
         self._outbox: mp.Queue = context.Queue()
         self._stop = context.Event()
-        self._process = context.Process(target=_watch, name="staleness-watcher", daemon=True,
-                                        args=(es_url, alias, facts_url, self._inbox, self._outbox, self._stop))
+        self._process = context.Process(
+            target=_watch,
+            name="staleness-watcher",
+            daemon=True,
+            args=(es_url, alias, facts_url, self._inbox, self._outbox, self._stop),
+        )
         self.visible: dict[str, float] = {}
         self.stats: dict[str, Any] = {}
 
@@ -440,8 +481,11 @@ query Ticks($selector: SensorSelector!, $after: Float!) {
     ticks(afterTimestamp: $after, limit: 5000) { timestamp endTimestamp status runIds skipReason }
   } } }
 }"""
-SENSOR = {"repositoryLocationName": LOCATION, "repositoryName": "__repository__",
-          "sensorName": "uncached_entities_sensor"}
+SENSOR = {
+    "repositoryLocationName": LOCATION,
+    "repositoryName": "__repository__",
+    "sensorName": "uncached_entities_sensor",
+}
 
 
 @dataclass(frozen=True)
@@ -490,18 +534,34 @@ def _failure(event: Mapping[str, Any]) -> str:
 
 def dagster_runs(dagster: LocalDagster, after: float) -> list[Run]:
     results = dagster.graphql(RUNS_QUERY, {"after": after})["runsOrError"]["results"]
-    return sorted((
-        Run(r["runId"], r["jobName"], r["status"], r["creationTime"], r["startTime"], r["endTime"],
-            {s["stepKey"].replace("__", "/"): (s["startTime"], s["endTime"]) for s in r["stepStats"]},
-            {e["eventType"]: int(e["timestamp"]) / 1000 for e in r["eventConnection"]["events"]
-             if e.get("eventType") in LIFECYCLE},
-            {f"{'/'.join(e['assetKey']['path'])}.{m['label']}": m["intValue"]
-             for e in r["eventConnection"]["events"] if e.get("assetKey")
-             for m in e["metadataEntries"] if m.get("intValue") is not None},
-            [_failure(e) for e in r["eventConnection"]["events"] if "error" in e or "message" in e],
-        )
-        for r in results
-    ), key=lambda r: r.created)
+    return sorted(
+        (
+            Run(
+                r["runId"],
+                r["jobName"],
+                r["status"],
+                r["creationTime"],
+                r["startTime"],
+                r["endTime"],
+                {s["stepKey"].replace("__", "/"): (s["startTime"], s["endTime"]) for s in r["stepStats"]},
+                {
+                    e["eventType"]: int(e["timestamp"]) / 1000
+                    for e in r["eventConnection"]["events"]
+                    if e.get("eventType") in LIFECYCLE
+                },
+                {
+                    f"{'/'.join(e['assetKey']['path'])}.{m['label']}": m["intValue"]
+                    for e in r["eventConnection"]["events"]
+                    if e.get("assetKey")
+                    for m in e["metadataEntries"]
+                    if m.get("intValue") is not None
+                },
+                [_failure(e) for e in r["eventConnection"]["events"] if "error" in e or "message" in e],
+            )
+            for r in results
+        ),
+        key=lambda r: r.created,
+    )
 
 
 def finished_runs(dagster: LocalDagster, after: float, timeout: float = 120) -> list[Run]:
@@ -542,10 +602,10 @@ class Staleness:
 def pending_counts(store: FactStore) -> tuple[int, int]:
     """(entities still to enrich, documents behind the index)."""
     with store.engine.connect() as conn:
-        pending = conn.execute(
-            sa.select(sa.func.count()).where(entities.c.state.in_(PENDING_STATES))).scalar_one()
-        behind = conn.execute(sa.select(sa.func.count()).where(
-            entities.c.indexed_version < entities.c.doc_version)).scalar_one()
+        pending = conn.execute(sa.select(sa.func.count()).where(entities.c.state.in_(PENDING_STATES))).scalar_one()
+        behind = conn.execute(
+            sa.select(sa.func.count()).where(entities.c.indexed_version < entities.c.doc_version)
+        ).scalar_one()
     return pending, behind
 
 
@@ -557,44 +617,65 @@ def drain(store: FactStore, timeout: float) -> float | None:
             pending, behind = pending_counts(store)
             if pending == 0 and behind == 0:
                 return time.monotonic() - started
-            status.update(f"warm-up: Dagster enriching the idle backlog: {pending:,} entities to enrich, "
-                          f"{behind:,} documents to index ({time.monotonic() - started:.0f} s)")
+            status.update(
+                f"warm-up: Dagster enriching the idle backlog: {pending:,} entities to enrich, "
+                f"{behind:,} documents to index ({time.monotonic() - started:.0f} s)"
+            )
             time.sleep(1)
     return None
 
 
 def derived_edges(graph: MdsGraph, entity_id: str) -> set[Edge]:
     """(relation, target id) of every derived edge the simulator's graph implies for a model instance."""
-    return {(relation, target) for relation, targets in graph.expected_edges(ROOT_TYPE, entity_id).items()
-            for target in targets}
+    return {
+        (relation, target)
+        for relation, targets in graph.expected_edges(ROOT_TYPE, entity_id).items()
+        for target in targets
+    }
 
 
-def measure(url: str, events: Sequence[Mapping[str, Any]], rate: float, graph: MdsGraph, es_url: str,
-            alias: str, facts_url: str, give_up: float, cpu: Callable[[], dict[str, float]]) -> tuple[Ingest, Staleness]:
-    expected = {e["entity_id"]: derived_edges(graph, e["entity_id"]) for e in events
-                if e["entity_type"] == ROOT_TYPE}
+def measure(
+    url: str,
+    events: Sequence[Mapping[str, Any]],
+    rate: float,
+    graph: MdsGraph,
+    es_url: str,
+    alias: str,
+    facts_url: str,
+    give_up: float,
+    cpu: Callable[[], dict[str, float]],
+) -> tuple[Ingest, Staleness]:
+    expected = {e["entity_id"]: derived_edges(graph, e["entity_id"]) for e in events if e["entity_type"] == ROOT_TYPE}
     with Watcher(es_url, alias, facts_url) as watcher:
+
         def on_sent(index: int, at: float) -> None:
             event = events[index]
             if event["entity_type"] == ROOT_TYPE and expected[event["entity_id"]]:
                 watcher.expect(event["entity_id"], expected[event["entity_id"]])
 
         ingest = ingest_at_rate(url, "enrichment running", events, rate, cpu=cpu, on_sent=on_sent)
-        measured = {e["entity_id"]: i for i, e in enumerate(events)
-                    if e["entity_type"] == ROOT_TYPE and expected[e["entity_id"]]}
+        measured = {
+            e["entity_id"]: i
+            for i, e in enumerate(events)
+            if e["entity_type"] == ROOT_TYPE and expected[e["entity_id"]]
+        }
         deadline = time.monotonic() + give_up
         with console.status("waiting for the last derived edges to become searchable") as status:
             while time.monotonic() < deadline:
                 seen = len(watcher.collect())
                 if seen >= len(measured):
                     break
-                status.update(f"searchable: {seen:,}/{len(measured):,} model instances "
-                              f"(giving up in {deadline - time.monotonic():.0f} s)")
+                status.update(
+                    f"searchable: {seen:,}/{len(measured):,} model instances "
+                    f"(giving up in {deadline - time.monotonic():.0f} s)"
+                )
                 time.sleep(0.5)
     staleness = Staleness(
         sent_at={i: ingest.sent_at[n] for i, n in measured.items()},
         committed_at={i: ingest.sent_at[n] + ingest.latency[n] for i, n in measured.items()},
-        visible_at=dict(watcher.visible), give_up=give_up, watcher_stats=watcher.stats,
+        visible_at=dict(watcher.visible),
+        give_up=give_up,
+        watcher_stats=watcher.stats,
     )
     return ingest, staleness
 
@@ -615,27 +696,36 @@ def last_enriched(store: FactStore, ids: Sequence[str]) -> dict[str, float]:
     found: dict[str, float] = {}
     with store.engine.connect() as conn:
         for start in range(0, len(ids), 1000):
-            rows = conn.execute(sa.select(entities.c.entity_id, entities.c.last_enriched_at).where(
-                entities.c.entity_type == ROOT_TYPE, entities.c.entity_id.in_(ids[start : start + 1000])))
+            rows = conn.execute(
+                sa.select(entities.c.entity_id, entities.c.last_enriched_at).where(
+                    entities.c.entity_type == ROOT_TYPE, entities.c.entity_id.in_(ids[start : start + 1000])
+                )
+            )
             found.update({i: at.timestamp() for i, at in rows if at is not None})
     return found
 
 
-def breakdown(staleness: Staleness, runs: Sequence[Run],
-              enriched: Mapping[str, float]) -> dict[str, list[float]]:
+def breakdown(staleness: Staleness, runs: Sequence[Run], enriched: Mapping[str, float]) -> dict[str, list[float]]:
     """Seconds per segment for every searchable instance, along the first run that claimed after it was
     committed."""
-    claims = sorted(((r.step("candidates")[0], r) for r in runs if r.step("candidates")[0] is not None),
-                    key=lambda pair: pair[0])  # type: ignore[arg-type,return-value]
+    claims = sorted(
+        ((r.step("candidates")[0], r) for r in runs if r.step("candidates")[0] is not None), key=lambda pair: pair[0]
+    )  # type: ignore[arg-type,return-value]
     segments: dict[str, list[float]] = {name: [] for name in SEGMENTS}
     for entity_id, visible in staleness.visible_at.items():
         committed = staleness.committed_at[entity_id]
         run = next((r for claimed, r in claims if claimed >= committed), None)  # type: ignore[operator]
         if run is None or run.started is None or entity_id not in enriched:
             continue
-        marks = [staleness.sent_at[entity_id], run.created, run.dequeued or run.created, run.started,
-                 run.step("candidates")[0],
-                 enriched[entity_id], visible]
+        marks = [
+            staleness.sent_at[entity_id],
+            run.created,
+            run.dequeued or run.created,
+            run.started,
+            run.step("candidates")[0],
+            enriched[entity_id],
+            visible,
+        ]
         for n in range(1, len(marks)):  # a run created before the POST (or a re-enrichment) counts as 0
             marks[n] = min(max(marks[n], marks[n - 1]), visible)  # type: ignore[type-var]
         for name, start, end in zip(SEGMENTS, marks, marks[1:], strict=False):
@@ -658,28 +748,56 @@ def stale_at(seconds: Sequence[float], q: float) -> float:
     return math.inf if math.isinf(high) else low + (high - low) * (rank - math.floor(rank))
 
 
-def report(idle: Ingest, busy: Ingest, staleness: Staleness, segments: dict[str, list[float]],
-           runs: Sequence[Run], ticks: Sequence[dict[str, Any]], environment: Sequence[str],
-           warmup: str) -> None:
+def report(
+    idle: Ingest,
+    busy: Ingest,
+    staleness: Staleness,
+    segments: dict[str, list[float]],
+    runs: Sequence[Run],
+    ticks: Sequence[dict[str, Any]],
+    environment: Sequence[str],
+    warmup: str,
+) -> None:
     ratio = busy.ms(99) / idle.ms(99)
     print_table(
         f"Ingest, single-event POST /v1/events at {idle.rate:g} events/s (ms)",
-        ["phase", "events", "achieved rate", "p50", "p90", "p99", "max", "send lag p99", "load avg",
-         "p99 vs idle"],
-        [[run.label + (" (baseline)" if run is idle else ""), f"{len(run.latency):,}",
-          f"{run.achieved:.1f}/s", *(f"{run.ms(q):.2f}" for q in (50, 90, 99)),
-          f"{max(run.latency) * 1000:.1f}", f"{percentile(run.late, 99) * 1000:.1f}", f"{run.load:.1f}",
-          f"{run.ms(99) / idle.ms(99):.2f}x"]
-         for run in (idle, busy)],
+        ["phase", "events", "achieved rate", "p50", "p90", "p99", "max", "send lag p99", "load avg", "p99 vs idle"],
+        [
+            [
+                run.label + (" (baseline)" if run is idle else ""),
+                f"{len(run.latency):,}",
+                f"{run.achieved:.1f}/s",
+                *(f"{run.ms(q):.2f}" for q in (50, 90, 99)),
+                f"{max(run.latency) * 1000:.1f}",
+                f"{percentile(run.late, 99) * 1000:.1f}",
+                f"{run.load:.1f}",
+                f"{run.ms(99) / idle.ms(99):.2f}x",
+            ]
+            for run in (idle, busy)
+        ],
     )
     seconds = staleness.seconds()
     never = sum(1 for s in seconds if math.isinf(s))
     print_table(
         "Ingest POST to a searchable derived edge, per model instance (s)",
-        ["model instances", "searchable", "p50", "p90", "p95", "max",
-         f"not searchable after {staleness.give_up:.0f} s"],
-        [[f"{len(seconds):,}", f"{len(seconds) - never:,}",
-          *(fmt(stale_at(seconds, q)) for q in (50, 90, 95)), fmt(max(seconds)), f"{never:,}"]],
+        [
+            "model instances",
+            "searchable",
+            "p50",
+            "p90",
+            "p95",
+            "max",
+            f"not searchable after {staleness.give_up:.0f} s",
+        ],
+        [
+            [
+                f"{len(seconds):,}",
+                f"{len(seconds) - never:,}",
+                *(fmt(stale_at(seconds, q)) for q in (50, 90, 95)),
+                fmt(max(seconds)),
+                f"{never:,}",
+            ]
+        ],
         caption=warmup,
     )
     total = sum(sum(v) for v in segments.values()) or 1.0
@@ -687,8 +805,11 @@ def report(idle: Ingest, busy: Ingest, staleness: Staleness, segments: dict[str,
         f"Where the time went: {len(segments[SEGMENTS[0]]):,} searchable model instances, along the run "
         "that claimed each (s)",
         ["segment", "p50", "p95", "max", "share of the mean"],
-        [[name, f"{median(v):.1f}", f"{percentile(v, 95):.1f}", f"{max(v):.1f}", f"{sum(v) / total:.0%}"]
-         for name, v in segments.items() if v],
+        [
+            [name, f"{median(v):.1f}", f"{percentile(v, 95):.1f}", f"{max(v):.1f}", f"{sum(v) / total:.0%}"]
+            for name, v in segments.items()
+            if v
+        ],
     )
     report_cpu(idle, busy)
     report_runs([r for r in runs if r.created >= busy.started_at], ticks)
@@ -697,24 +818,29 @@ def report(idle: Ingest, busy: Ingest, staleness: Staleness, segments: dict[str,
     console.print(
         f"Staleness p95: [bold]{fmt(p95)} s[/bold] (p50 {fmt(stale_at(seconds, 50))} s, max "
         f"{fmt(max(seconds))} s), {verdict(p95 <= TARGET_P95_SECONDS)} target <= "
-        f"{TARGET_P95_SECONDS:.0f} s at 50 events/s (measured at {busy.rate:g}/s)")
+        f"{TARGET_P95_SECONDS:.0f} s at 50 events/s (measured at {busy.rate:g}/s)"
+    )
     console.print(
         f"Ingest p99: [bold]{busy.ms(99):.2f} ms[/bold] with enrichment running vs {idle.ms(99):.2f} ms "
-        f"idle, ratio [bold]{ratio:.2f}x[/bold], {verdict(ratio <= TARGET_RATIO)} target <= {TARGET_RATIO}x")
+        f"idle, ratio [bold]{ratio:.2f}x[/bold], {verdict(ratio <= TARGET_RATIO)} target <= {TARGET_RATIO}x"
+    )
     stats = staleness.watcher_stats
     if stats.get("polls"):
         each = stats["poll_seconds"] / stats["polls"] * 1000
         console.print(f"Watcher: {stats['polls']:,} mget pages, {each:.0f} ms each on average")
     incomplete = stats.get("incomplete") or {}
     if incomplete:
-        console.print(f"[red]{len(incomplete)} model instances had derived edges in search other than the "
-                      f"graph's; missing, e.g.: {list(incomplete.items())[:3]}[/red]")
+        console.print(
+            f"[red]{len(incomplete)} model instances had derived edges in search other than the "
+            f"graph's; missing, e.g.: {list(incomplete.items())[:3]}[/red]"
+        )
 
 
 def report_cpu(idle: Ingest, busy: Ingest) -> None:
     cores = os.cpu_count() or 1
-    roles = sorted({r for phase in (idle, busy) for r in phase.cpu if r != "machine"},
-                   key=lambda r: -busy.cpu.get(r, 0.0))
+    roles = sorted(
+        {r for phase in (idle, busy) for r in phase.cpu if r != "machine"}, key=lambda r: -busy.cpu.get(r, 0.0)
+    )
 
     def others(phase: Ingest) -> float:
         return phase.cpu.get("machine", 0.0) - sum(phase.cpu.get(r, 0.0) for r in roles)
@@ -725,31 +851,43 @@ def report_cpu(idle: Ingest, busy: Ingest) -> None:
     rows = [[role, *(share(p, p.cpu.get(role, 0.0)) for p in (idle, busy))] for role in roles]
     rows.append(["everything else on this machine", *(share(p, others(p)) for p in (idle, busy))])
     rows.append(["machine, all processes", *(share(p, p.cpu.get("machine", 0.0)) for p in (idle, busy))])
-    print_table(f"CPU while each phase was ingesting (seconds, and share of {cores} cores x its wall time)",
-                ["role", idle.label, busy.label], rows)
+    print_table(
+        f"CPU while each phase was ingesting (seconds, and share of {cores} cores x its wall time)",
+        ["role", idle.label, busy.label],
+        rows,
+    )
     for phase in (idle, busy):
         used = others(phase) / (phase.wall * cores)
         if used > OTHER_CPU_WARNING:
-            console.print(f"[red]Other processes used {used:.0%} of this machine during the {phase.label} "
-                          "phase: its latencies (and the ratio) measure them too; run again on a quiet "
-                          "machine.[/red]")
+            console.print(
+                f"[red]Other processes used {used:.0%} of this machine during the {phase.label} "
+                "phase: its latencies (and the ratio) measure them too; run again on a quiet "
+                "machine.[/red]"
+            )
 
 
 def _run_counts(runs: Sequence[Run]) -> str:
     """What the runs did, per run: entities claimed, source fetches, documents indexed (and how fast)."""
+
     def p50(values: Sequence[int | None]) -> float:
         known = [v for v in values if v is not None]
         return median(known) if known else 0.0
 
-    rates = [r.count("index_updates.documents_indexed") / (end - start) for r in runs  # type: ignore[operator]
-             if r.count("index_updates.documents_indexed") is not None
-             for start, end in [r.step("index_updates")] if start and end and end > start]
-    return (f"Per run, p50: {p50([r.count('candidates.claimed') for r in runs]):,.0f} {ROOT_TYPE}s claimed, "
-            f"{p50([r.total('hydrated.hydrated') for r in runs]):,.0f} entities fetched from sources (every "
-            f"branch of the run), {p50([r.count('index_updates.documents_indexed') for r in runs]):,.0f} "
-            f"documents indexed by its {ROOT_TYPE} branch (its own first, then what the search outbox held) at "
-            f"{median(rates) if rates else 0:,.0f} documents/s; "
-            f"{p50([len(r.types) for r in runs]):.0f} branches per run")
+    rates = [
+        r.count("index_updates.documents_indexed") / (end - start)
+        for r in runs  # type: ignore[operator]
+        if r.count("index_updates.documents_indexed") is not None
+        for start, end in [r.step("index_updates")]
+        if start and end and end > start
+    ]
+    return (
+        f"Per run, p50: {p50([r.count('candidates.claimed') for r in runs]):,.0f} {ROOT_TYPE}s claimed, "
+        f"{p50([r.total('hydrated.hydrated') for r in runs]):,.0f} entities fetched from sources (every "
+        f"branch of the run), {p50([r.count('index_updates.documents_indexed') for r in runs]):,.0f} "
+        f"documents indexed by its {ROOT_TYPE} branch (its own first, then what the search outbox held) at "
+        f"{median(rates) if rates else 0:,.0f} documents/s; "
+        f"{p50([len(r.types) for r in runs]):.0f} branches per run"
+    )
 
 
 def _p50_max(values: Sequence[float]) -> list[str]:
@@ -768,11 +906,33 @@ def report_runs(runs: Sequence[Run], ticks: Sequence[dict[str, Any]]) -> None:
         failed = sum(1 for r in group if r.status in ("FAILURE", "CANCELED"))
         indexed = sum(r.total("index_updates.documents_indexed") for r in group)
         superseded = sum(r.total("index_updates.superseded") for r in group)
-        rows.append([job, f"{len(group)}", *_p50_max(queued), *_p50_max(launched), *_p50_max(took),
-                     f"{indexed:,} ({superseded:,})", f"{failed}"])
-    print_table("Dagster runs created during the measured phase (s)",
-                ["job", "runs", "in queue p50", "max", "dequeued to started p50", "max",
-                 "started to done p50", "max", "documents indexed (already newer)", "failed"], rows)
+        rows.append(
+            [
+                job,
+                f"{len(group)}",
+                *_p50_max(queued),
+                *_p50_max(launched),
+                *_p50_max(took),
+                f"{indexed:,} ({superseded:,})",
+                f"{failed}",
+            ]
+        )
+    print_table(
+        "Dagster runs created during the measured phase (s)",
+        [
+            "job",
+            "runs",
+            "in queue p50",
+            "max",
+            "dequeued to started p50",
+            "max",
+            "started to done p50",
+            "max",
+            "documents indexed (already newer)",
+            "failed",
+        ],
+        rows,
+    )
 
     failures = [f"{r.run_id[:8]} {line}" for r in runs if r.status in ("FAILURE", "CANCELED") for line in r.failures]
     for line in failures[:10]:
@@ -787,26 +947,30 @@ def report_runs(runs: Sequence[Run], ticks: Sequence[dict[str, Any]]) -> None:
                 start, end = run.step(name)
                 if start is None or end is None:
                     break
-                spans["before candidates" if name == "candidates" else f"before {name} (other branches' steps too)"].append(
-                    start - previous)  # type: ignore[operator]
+                spans[
+                    "before candidates" if name == "candidates" else f"before {name} (other branches' steps too)"
+                ].append(start - previous)  # type: ignore[operator]
                 spans[name].append(end - start)
                 previous = end
             spans["after the last step (asset checks)"].append(run.ended - previous)  # type: ignore[operator]
         run_time = sum(r.ended - r.started for r in root_runs)  # type: ignore[operator]
-        print_table(f"Inside the {len(root_runs)} runs that enriched {ROOT_TYPE} (s): worker start, its steps, between them",
-                    ["span", "p50", "max", "share of run time"],
-                    [[name, f"{median(v):.2f}", f"{max(v):.2f}", f"{sum(v) / run_time:.0%}"]
-                     for name, v in spans.items() if v],
-                    caption=_run_counts(root_runs))
+        print_table(
+            f"Inside the {len(root_runs)} runs that enriched {ROOT_TYPE} (s): worker start, its steps, between them",
+            ["span", "p50", "max", "share of run time"],
+            [[name, f"{median(v):.2f}", f"{max(v):.2f}", f"{sum(v) / run_time:.0%}"] for name, v in spans.items() if v],
+            caption=_run_counts(root_runs),
+        )
 
     if len(ticks) > 1:
         gaps = [b["timestamp"] - a["timestamp"] for a, b in zip(ticks, ticks[1:], strict=False)]
         took = [t["endTimestamp"] - t["timestamp"] for t in ticks if t.get("endTimestamp")]
         requested = sum(1 for t in ticks if t["runIds"])
         busy = sum(1 for t in ticks if "already have a run" in (t.get("skipReason") or ""))
-        console.print(f"Sensor: {len(ticks)} ticks, every {median(gaps):.1f} s (p50; max {max(gaps):.1f} s), "
-                      f"evaluation {median(took):.2f} s p50; {requested} ticks requested runs, {busy} "
-                      "skipped because every due (type, partition) already had a run in flight")
+        console.print(
+            f"Sensor: {len(ticks)} ticks, every {median(gaps):.1f} s (p50; max {max(gaps):.1f} s), "
+            f"evaluation {median(took):.2f} s p50; {requested} ticks requested runs, {busy} "
+            "skipped because every due (type, partition) already had a run in flight"
+        )
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -837,8 +1001,9 @@ class Servers:
         return make_url(self.server_url).port
 
 
-def start_servers(stack: ExitStack, *, name: str, scale: float, latency_ms: float,
-                  dagster_storage: str = "postgres") -> Servers:
+def start_servers(
+    stack: ExitStack, *, name: str, scale: float, latency_ms: float, dagster_storage: str = "postgres"
+) -> Servers:
     """The simulator at ``scale``, the search server, PostgreSQL with a fresh fact store (and, for
     ``dagster_storage="postgres"``, a second database for Dagster), a fresh index alias and ``enrichment
     serve``: everything but Dagster, stopped and deleted when ``stack`` closes."""
@@ -847,8 +1012,9 @@ def start_servers(stack: ExitStack, *, name: str, scale: float, latency_ms: floa
     es_url = stack.enter_context(elasticsearch_server())
     server_url = stack.enter_context(postgres_server())
     facts_url = stack.enter_context(fresh_database(server_url))
-    dagster_url = (dagster_postgres_url(stack.enter_context(fresh_database(server_url)))
-                   if dagster_storage == "postgres" else None)
+    dagster_url = (
+        dagster_postgres_url(stack.enter_context(fresh_database(server_url))) if dagster_storage == "postgres" else None
+    )
     store = FactStore.from_url(facts_url)
     stack.callback(store.dispose)
     store.migrate()
@@ -863,18 +1029,27 @@ def start_servers(stack: ExitStack, *, name: str, scale: float, latency_ms: floa
     return Servers(tmp, sim_url, es_url, server_url, facts_url, dagster_url, store, index, alias, api_url)
 
 
-def start_dagster(stack: ExitStack, servers: Servers, *, home: Path | None, sensor_interval: int,
-                  max_concurrent_runs: int) -> LocalDagster:
+def start_dagster(
+    stack: ExitStack, servers: Servers, *, home: Path | None, sensor_interval: int, max_concurrent_runs: int
+) -> LocalDagster:
     """``LocalDagster`` over ``servers`` with the sensor every ``sensor_interval`` seconds, stopped when
     ``stack`` closes; its home is ``home`` or a directory in ``servers.tmp``."""
     env = {
-        **source_environ(servers.sim_url), "ENRICHMENT_DATABASE_URL": servers.facts_url,
-        "ELASTICSEARCH_URL": servers.es_url, "ENRICHMENT_INDEX_ALIAS": servers.alias,
+        **source_environ(servers.sim_url),
+        "ENRICHMENT_DATABASE_URL": servers.facts_url,
+        "ELASTICSEARCH_URL": servers.es_url,
+        "ENRICHMENT_INDEX_ALIAS": servers.alias,
         "ENRICHMENT_SENSOR_INTERVAL_SECONDS": str(sensor_interval),
         "ENRICHMENT_SENSOR_MAX_PAIRS": str(SENSOR_MAX_PAIRS),
     }
-    return stack.enter_context(LocalDagster(home or servers.tmp / "dagster", env,
-                                            max_concurrent_runs=max_concurrent_runs, postgres_url=servers.dagster_url))
+    return stack.enter_context(
+        LocalDagster(
+            home or servers.tmp / "dagster",
+            env,
+            max_concurrent_runs=max_concurrent_runs,
+            postgres_url=servers.dagster_url,
+        )
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -882,27 +1057,47 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=50.0, help="events per second (default 50)")
     parser.add_argument("--minutes", type=float, default=2.0, help="minutes per phase (default 2)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 15 s per phase")
-    parser.add_argument("--sensor-interval", type=int, default=5,
-                        help="ENRICHMENT_SENSOR_INTERVAL_SECONDS (default 5; the shipped default is 30)")
-    parser.add_argument("--max-concurrent-runs", type=int, default=4,
-                        help="Dagster's run queue limit (default 4, LocalDagster's)")
-    parser.add_argument("--dagster-storage", choices=("postgres", "sqlite"), default="postgres",
-                        help="Dagster's run and event storage (default postgres, a second database)")
-    parser.add_argument("--latency-ms", type=float, default=20.0,
-                        help="latency the simulator adds to every source request (default 20)")
-    parser.add_argument("--give-up-seconds", type=float, default=120.0,
-                        help="after the last POST, how long to wait for the last edges (default 120)")
-    parser.add_argument("--drain-timeout", type=float, default=600.0,
-                        help="longest warm-up for Dagster to enrich the idle backlog (default 600)")
-    parser.add_argument("--dagster-home", type=Path,
-                        help="keep Dagster's home (dagster.yaml, daemon and webserver logs) here; by default "
-                        "a temporary directory, deleted at the end")
+    parser.add_argument(
+        "--sensor-interval",
+        type=int,
+        default=5,
+        help="ENRICHMENT_SENSOR_INTERVAL_SECONDS (default 5; the shipped default is 30)",
+    )
+    parser.add_argument(
+        "--max-concurrent-runs", type=int, default=4, help="Dagster's run queue limit (default 4, LocalDagster's)"
+    )
+    parser.add_argument(
+        "--dagster-storage",
+        choices=("postgres", "sqlite"),
+        default="postgres",
+        help="Dagster's run and event storage (default postgres, a second database)",
+    )
+    parser.add_argument(
+        "--latency-ms", type=float, default=20.0, help="latency the simulator adds to every source request (default 20)"
+    )
+    parser.add_argument(
+        "--give-up-seconds",
+        type=float,
+        default=120.0,
+        help="after the last POST, how long to wait for the last edges (default 120)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=600.0,
+        help="longest warm-up for Dagster to enrich the idle backlog (default 600)",
+    )
+    parser.add_argument(
+        "--dagster-home",
+        type=Path,
+        help="keep Dagster's home (dagster.yaml, daemon and webserver logs) here; by default "
+        "a temporary directory, deleted at the end",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.minutes = 0.25
     if args.rate <= 0 or args.minutes <= 0 or args.sensor_interval < 1 or args.max_concurrent_runs < 1:
-        parser.error("--rate and --minutes must be positive; --sensor-interval and --max-concurrent-runs "
-                     "at least 1")
+        parser.error("--rate and --minutes must be positive; --sensor-interval and --max-concurrent-runs at least 1")
     return args
 
 
@@ -925,15 +1120,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     busy_events = stream[warm + per_phase : warm + 2 * per_phase]
 
     with ExitStack() as stack:  # stops every server and process it started, Ctrl-C included
-        servers = start_servers(stack, name="staleness", scale=scale, latency_ms=args.latency_ms,
-                                dagster_storage=args.dagster_storage)
+        servers = start_servers(
+            stack, name="staleness", scale=scale, latency_ms=args.latency_ms, dagster_storage=args.dagster_storage
+        )
         store = servers.store
         environment = [
             describe_server(store.engine),
             f"{describe_search(servers.index.client)}; simulator scale {scale:g}, {args.latency_ms:g} ms per request",
             f"Dagster {version('dagster')}: sensor every {args.sensor_interval} s, at most {SENSOR_MAX_PAIRS} "
-            f"(type, partition) pairs per tick, one run per partition, max_concurrent_runs {args.max_concurrent_runs}, one hydration step per source "
-            f"pool, in-process executor, {args.dagster_storage} storage; {os.cpu_count()} CPUs",
+            f"per-type runs per tick, max_concurrent_runs {args.max_concurrent_runs}, source limits shared "
+            f"through the fact store, in-process executor, {args.dagster_storage} storage; {os.cpu_count()} CPUs",
         ]
 
         cpu = partial(cpu_snapshot, servers.postgres_port)
@@ -941,20 +1137,38 @@ def main(argv: Sequence[str] | None = None) -> None:
         idle = ingest_at_rate(servers.api_url, "idle, no Dagster", idle_events, args.rate, cpu=cpu)
         started = time.monotonic()
         with console.status("starting dagster-webserver and dagster-daemon"):
-            dagster = start_dagster(stack, servers, home=args.dagster_home, sensor_interval=args.sensor_interval,
-                                    max_concurrent_runs=args.max_concurrent_runs)
+            dagster = start_dagster(
+                stack,
+                servers,
+                home=args.dagster_home,
+                sensor_interval=args.sensor_interval,
+                max_concurrent_runs=args.max_concurrent_runs,
+            )
         loaded = time.monotonic() - started
         drained = drain(store, args.drain_timeout)
         backlog = warm + per_phase
         if drained:
-            warmup = (f"Warm-up: Dagster loaded in {loaded:.0f} s, then enriched and indexed the idle "
-                      f"phase's {backlog:,} entities in {drained:.0f} s ({backlog / drained:.0f} entities/s)")
+            warmup = (
+                f"Warm-up: Dagster loaded in {loaded:.0f} s, then enriched and indexed the idle "
+                f"phase's {backlog:,} entities in {drained:.0f} s ({backlog / drained:.0f} entities/s)"
+            )
         else:
-            warmup = (f"[red]Warm-up: the idle backlog was not drained in {args.drain_timeout:.0f} s; the "
-                      "measured phase started behind it[/red]")
+            warmup = (
+                f"[red]Warm-up: the idle backlog was not drained in {args.drain_timeout:.0f} s; the "
+                "measured phase started behind it[/red]"
+            )
         measured_from = time.time()
-        busy, staleness = measure(servers.api_url, busy_events, args.rate, graph, servers.es_url, servers.alias,
-                                  servers.facts_url, args.give_up_seconds, cpu)
+        busy, staleness = measure(
+            servers.api_url,
+            busy_events,
+            args.rate,
+            graph,
+            servers.es_url,
+            servers.alias,
+            servers.facts_url,
+            args.give_up_seconds,
+            cpu,
+        )
         with console.status("waiting for the runs in flight to finish, then reading Dagster's record"):
             runs = finished_runs(dagster, measured_from - 60)
             ticks = sensor_ticks(dagster, measured_from)

@@ -15,6 +15,16 @@ from enrichment_assets.dev.simulator.graph import MdsGraph, field_values, genera
 from enrichment_assets.dev.simulator.server import SimulatorServer, simulator_server
 
 __all__ = [
-    "DERIVED_EDGES", "ENTITY_TYPES", "REFERENCES", "SOURCES", "MdsGraph", "Simulator", "SimulatorServer",
-    "create_app", "field_values", "generate_graph", "simulator_server", "thin_events",
+    "DERIVED_EDGES",
+    "ENTITY_TYPES",
+    "REFERENCES",
+    "SOURCES",
+    "MdsGraph",
+    "Simulator",
+    "SimulatorServer",
+    "create_app",
+    "field_values",
+    "generate_graph",
+    "simulator_server",
+    "thin_events",
 ]

@@ -163,8 +163,9 @@ def admin_routes(sim: Simulator) -> list[Route]:
             return JSONResponse({"error": "limit must be an integer"}, status_code=400)
         return JSONResponse({"requests": sim.stats.recent(limit, request.query_params.get("source"))})
 
-    def post(path: str, handler: Callable[[Any], Awaitable[dict[str, Any]]], model: type[_Body],
-             status: int = 200) -> Route:
+    def post(
+        path: str, handler: Callable[[Any], Awaitable[dict[str, Any]]], model: type[_Body], status: int = 200
+    ) -> Route:
         async def endpoint(request: Request) -> JSONResponse:
             try:
                 result = await handler(await _parse(request, model))
@@ -187,4 +188,3 @@ def admin_routes(sim: Simulator) -> list[Route]:
         Route("/admin/stats", stats, methods=["GET"]),
         Route("/admin/requests", requests, methods=["GET"]),
     ]
-

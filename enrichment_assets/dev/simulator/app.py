@@ -197,4 +197,3 @@ class _RequestRecorder:
             path = (raw_path + (b"?" + query if query else b"")).decode("latin-1")
             duration = (time.monotonic() - started) * 1000
             stats.finished(RequestRecord(at, source, scope["method"], path, status, duration))
-

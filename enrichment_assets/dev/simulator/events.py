@@ -23,8 +23,12 @@ def thin_events(graph: MdsGraph, *, seed: int | None = None) -> Iterator[dict[st
     epoch = EPOCH.isoformat().replace("+00:00", "Z")
     for entity_type, entity in order:
         occurred_at = next((entity[f] for f in _TIME_FIELDS if isinstance(entity.get(f), str)), epoch)
-        yield {"entity_type": entity_type, "entity_id": entity["id"], "event_type": "created",
-               "occurred_at": occurred_at}
+        yield {
+            "entity_type": entity_type,
+            "entity_id": entity["id"],
+            "event_type": "created",
+            "occurred_at": occurred_at,
+        }
 
 
 def write_ndjson(events: Iterator[dict[str, Any]], stream: IO[str]) -> int:

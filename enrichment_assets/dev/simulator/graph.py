@@ -22,18 +22,38 @@ from enrichment_assets.dev.simulator.catalog import DERIVED_EDGES, REFERENCES
 Entity = dict[str, Any]
 
 BASE_COUNTS: Mapping[str, int] = {
-    "model_instance": 10_000, "pipeline_run": 2_000, "ab_test": 400, "model": 1_000,
-    "feature": 500, "dataset": 300, "user": 200, "team": 40,
+    "model_instance": 10_000,
+    "pipeline_run": 2_000,
+    "ab_test": 400,
+    "model": 1_000,
+    "feature": 500,
+    "dataset": 300,
+    "user": 200,
+    "team": 40,
 }
 ID_FORMATS: Mapping[str, str] = {
-    "model_instance": "mi-{:06d}", "pipeline_run": "run-{:05d}", "ab_test": "ab-{:04d}",
-    "model": "model-{:04d}", "feature": "feat-{:04d}", "dataset": "ds-{:04d}",
-    "user": "user-{:04d}", "team": "team-{:02d}",
+    "model_instance": "mi-{:06d}",
+    "pipeline_run": "run-{:05d}",
+    "ab_test": "ab-{:04d}",
+    "model": "model-{:04d}",
+    "feature": "feat-{:04d}",
+    "dataset": "ds-{:04d}",
+    "user": "user-{:04d}",
+    "team": "team-{:02d}",
 }
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
 _TOPICS = (
-    "artwork", "search", "ranking", "churn", "encoding", "billing", "playback", "ads", "title", "member",
+    "artwork",
+    "search",
+    "ranking",
+    "churn",
+    "encoding",
+    "billing",
+    "playback",
+    "ads",
+    "title",
+    "member",
 )
 _KINDS = ("ranker", "classifier", "embedder", "forecaster", "scorer", "recommender")
 _FIRST = ("Ada", "Bo", "Chen", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivo", "Jun", "Kira", "Lars")
@@ -131,41 +151,56 @@ def generate_graph(seed: int, scale: float = 1.0) -> MdsGraph:
         kind = rng.choice(("events", "labels", "snapshots", "logs"))
         name = f"{rng.choice(_TOPICS)}_{kind}_{dataset_id[3:]}"
         out["dataset"][dataset_id] = {
-            "id": dataset_id, "name": name, "format": rng.choice(("parquet", "iceberg", "avro", "csv"))}
+            "id": dataset_id,
+            "name": name,
+            "format": rng.choice(("parquet", "iceberg", "avro", "csv")),
+        }
     for feature_id in ids["feature"]:
         out["feature"][feature_id] = {
-            "id": feature_id, "name": f"{rng.choice(_TOPICS)}_signal_{feature_id[5:]}",
-            "dataset_id": rng.choice(ids["dataset"])}
+            "id": feature_id,
+            "name": f"{rng.choice(_TOPICS)}_signal_{feature_id[5:]}",
+            "dataset_id": rng.choice(ids["dataset"]),
+        }
     for test_id in ids["ab_test"]:
         out["ab_test"][test_id] = {
-            "id": test_id, "name": f"{rng.choice(_TOPICS)} experiment {test_id[3:]}",
+            "id": test_id,
+            "name": f"{rng.choice(_TOPICS)} experiment {test_id[3:]}",
             "status": rng.choices(("running", "completed", "draft"), (5, 4, 1))[0],
-            "cells": list("ABCD"[: rng.randint(2, 4)])}
+            "cells": list("ABCD"[: rng.randint(2, 4)]),
+        }
     for model_id in ids["model"]:
         out["model"][model_id] = {
-            "id": model_id, "name": f"{rng.choice(_TOPICS)}-{rng.choice(_KINDS)}-{model_id[6:]}",
+            "id": model_id,
+            "name": f"{rng.choice(_TOPICS)}-{rng.choice(_KINDS)}-{model_id[6:]}",
             "framework": rng.choice(("pytorch", "tensorflow", "xgboost", "lightgbm", "sklearn")),
-            "owner_id": rng.choice(ids["user"]), "created_at": _stamp(rng.uniform(0, 30 * 86400))}
+            "owner_id": rng.choice(ids["user"]),
+            "created_at": _stamp(rng.uniform(0, 30 * 86400)),
+        }
     for run_id in ids["pipeline_run"]:
         in_tests = rng.choices((0, 1, 2, 3), (35, 35, 20, 10))[0]  # a third of the runs are in no test
         tests = rng.sample(ids["ab_test"], min(len(ids["ab_test"]), in_tests))
         out["pipeline_run"][run_id] = {
-            "id": run_id, "name": f"train-{rng.choice(_TOPICS)}-{run_id[4:]}",
+            "id": run_id,
+            "name": f"train-{rng.choice(_TOPICS)}-{run_id[4:]}",
             "status": rng.choices(("succeeded", "failed", "running"), (8, 1, 1))[0],
             "input_dataset_ids": rng.sample(ids["dataset"], min(len(ids["dataset"]), rng.randint(1, 4))),
             "ab_test_cells": [{"test_id": t, "cell": rng.choice(out["ab_test"][t]["cells"])} for t in tests],
-            "started_at": _stamp(rng.uniform(30 * 86400, 90 * 86400))}
+            "started_at": _stamp(rng.uniform(30 * 86400, 90 * 86400)),
+        }
 
     runs = _zipf_draws(rng, ids["pipeline_run"], len(ids["model_instance"]), exponent=0.9)
     models = _zipf_draws(rng, ids["model"], len(ids["model_instance"]), exponent=0.7)
     for mi_id, run_id, model_id in zip(ids["model_instance"], runs, models, strict=True):
         run_start = datetime.fromisoformat(out["pipeline_run"][run_id]["started_at"])
         out["model_instance"][mi_id] = {
-            "id": mi_id, "name": f"{out['model'][model_id]['name']}#{mi_id[3:]}",
+            "id": mi_id,
+            "name": f"{out['model'][model_id]['name']}#{mi_id[3:]}",
             "stage": rng.choices(("development", "staging", "production", "archived"), (4, 2, 3, 1))[0],
-            "model_id": model_id, "pipeline_run_id": run_id,
+            "model_id": model_id,
+            "pipeline_run_id": run_id,
             "feature_ids": rng.sample(ids["feature"], min(len(ids["feature"]), rng.randint(1, 6))),
-            "created_at": _stamp((run_start - EPOCH).total_seconds() + rng.uniform(3600, 48 * 3600))}
+            "created_at": _stamp((run_start - EPOCH).total_seconds() + rng.uniform(3600, 48 * 3600)),
+        }
     return MdsGraph(seed=seed, scale=scale, entities=out)
 
 

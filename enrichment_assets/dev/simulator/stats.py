@@ -32,7 +32,10 @@ class RequestRecord:
     def as_dict(self) -> dict[str, Any]:
         return {
             "at": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="milliseconds")[:-6] + "Z",
-            "source": self.source, "method": self.method, "path": self.path, "status": self.status,
+            "source": self.source,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
             "duration_ms": round(self.duration_ms, 3),
         }
 
@@ -55,7 +58,9 @@ class SourceCounters:
             "by_status": {str(status): n for status, n in sorted(self.by_status.items())},
             "peak_rps": self.peak_rps,
             "batches": {
-                "requests": batches, "ids": ids, "max": max(self.batch_sizes, default=0),
+                "requests": batches,
+                "ids": ids,
+                "max": max(self.batch_sizes, default=0),
                 "mean": round(ids / batches, 2) if batches else 0.0,
                 "histogram": {str(size): n for size, n in sorted(self.batch_sizes.items())},
             },
@@ -65,9 +70,7 @@ class SourceCounters:
 class Stats:
     """Request log (a ring buffer of ``log_size`` records) and per-source counters."""
 
-    def __init__(
-        self, *, log_size: int = DEFAULT_LOG_SIZE, monotonic: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, *, log_size: int = DEFAULT_LOG_SIZE, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._monotonic = monotonic
         self._log: deque[RequestRecord] = deque(maxlen=log_size)
         self._sources = {name: SourceCounters() for name in SOURCES}
