@@ -4,7 +4,8 @@ The servers are ``bench/staleness.py``'s, each in its own process and for real: 
 with the fact store and Dagster's storage, the search server, the source simulator (20 ms per request,
 ``--error-rate`` of its answers a 500 or 503 on every source), ``enrichment serve``, and LocalDagster
 with ``uncached_entities_sensor`` enriching every 5 s. Thin events are POSTed one per request at
-``--rate`` per second for ``--minutes``, open loop (staleness.py's sender). The stream keeps making
+``--rate`` per second for ``--minutes``, open loop as staleness.py does, at most 8 at a time in
+httpx (see ``send``). The stream keeps making
 new work: the simulator graph's ``created`` events in staleness.py's order (every entity after what it
 references), and, as a fifth of the events from the first on, an ``updated`` event of a random entity
 already sent, whose source record is changed just before (``soak_revision`` set to its update count
@@ -93,6 +94,7 @@ from enrichment_assets.factstore.schema import PENDING_STATES, EntityState, enti
 
 UPDATE_SHARE = 0.2
 REVISION = "soak_revision"  # the source field an update changes
+UNSETTLED = "still to enrich at the settle deadline"
 LATENCY_MS = 20.0
 SENSOR_INTERVAL = 5
 MAX_CONCURRENT_RUNS = 4
@@ -535,6 +537,9 @@ def check_events(engine: sa.Engine, stream: Stream, sent: Sent) -> dict[str, Any
                     occurred = datetime.fromisoformat(stream.events[index]["occurred_at"])
                     if last_event_at != occurred:
                         problems["latest event not applied"].append(f"{name}: {last_event_at} != {occurred}")
+                    elif state in PENDING_STATES:
+                        # Left to enrich when the settle deadline passed: a backlog, not (yet) a loss.
+                        problems[UNSETTLED].append(f"{name}: {state}")
                     elif (
                         state != EntityState.FULLY_ENRICHED.value
                         or enriched_at is None
@@ -551,7 +556,8 @@ def check_events(engine: sa.Engine, stream: Stream, sent: Sent) -> dict[str, Any
     return {
         "entities": len(latest),
         "states": dict(states),
-        "lost": sum(len(v) for v in problems.values()),
+        "lost": sum(len(v) for k, v in problems.items() if k != UNSETTLED),
+        "unsettled": len(problems.get(UNSETTLED, [])),
         "problems": {k: {"count": len(v), "examples": v[:5]} for k, v in problems.items()},
     }
 
@@ -696,8 +702,8 @@ def evaluate(
             "target": f"events lost, of {lost['entities']:,} entities sent",
             "first": None,
             "last": None,
-            "measured": f"{lost['lost']:,}",
-            "met": lost["lost"] == 0,
+            "measured": f"{lost['lost']:,}" + (f" ({lost['unsettled']:,} {UNSETTLED})" if lost["unsettled"] else ""),
+            "met": lost["lost"] == 0 and not lost["unsettled"],
             "limit": "0",
         }
     )
