@@ -142,3 +142,11 @@ def pg_store(postgres_url: str, clock: FakeClock) -> Iterator[FactStore]:
     fact_store = FactStore.from_url(_emptied(postgres_url), clock=clock, rng=random.Random(5))
     yield fact_store
     fact_store.dispose()
+
+
+@pytest.fixture
+def sources_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sources' base-URL variables pointing at the module's ``simulator`` fixture."""
+    simulator = request.getfixturevalue("simulator")
+    for name, value in simulator.environ().items():
+        monkeypatch.setenv(name, value)

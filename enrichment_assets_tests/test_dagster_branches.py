@@ -45,12 +45,6 @@ def simulator() -> Iterator[SimulatorServer]:
 
 
 @pytest.fixture
-def sources_env(simulator: SimulatorServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in simulator.environ().items():
-        monkeypatch.setenv(name, value)
-
-
-@pytest.fixture
 def database(make_postgres_database: Callable[[], str]) -> str:
     return make_postgres_database()
 

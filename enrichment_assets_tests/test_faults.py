@@ -47,12 +47,6 @@ def simulator() -> Iterator[SimulatorServer]:
 
 
 @pytest.fixture
-def sources_env(simulator: SimulatorServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in simulator.environ().items():
-        monkeypatch.setenv(name, value)
-
-
-@pytest.fixture
 def live_store(make_postgres_database: Callable[[], str]) -> Iterator[FactStore]:
     store = FactStore.from_url(make_postgres_database())
     store.migrate()

@@ -27,9 +27,6 @@ from enrichment_assets.steps.index import index_changes
 from enrichment_assets.steps.settle import settle_outcomes
 from enrichment_assets.steps.walk import walk_claims
 
-# Kept for callers that imported it from here.
-default_owner = lease_owner
-
 
 @dataclass
 class CycleResult:
